@@ -1,0 +1,1 @@
+"""Triton kernels of kvdiag (import name `kvdiag.kernels`). Import-light on purpose."""
