@@ -1,0 +1,208 @@
+"""Capture per-head queries, pre-/post-RoPE keys and values of a stock Hugging Face model.
+
+    with capture(model, layers=[0, 5]) as rec:
+        model(input_ids)
+    trace = rec.trace()          # kvdiag.trace.Trace
+
+or in one call: `trace = capture_prompt(model, tokenizer, "some text", layers="all")`.
+
+How: the model's attention runs through `kvdiag.adapter.attention_override`, which sees the
+post-RoPE queries and keys and the values exactly as attention does (and the attention output, with
+`outputs=True`); forward hooks on `k_proj` and `k_norm` give the keys before RoPE; a forward
+pre-hook on each attention module gives the rotary tables the model used. Everything is removed on
+exit, also after an exception. Only the first forward pass inside the context (the prompt) is
+recorded; batch size must be 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from kvdiag import adapter
+from kvdiag.errors import KvdiagError
+from kvdiag.trace import Trace
+
+
+def resolve_layers(layers: str | Sequence[int] | None, n_layers: int) -> list[int]:
+    """'all' / None → every layer; '0,5,10' or [0, 5, 10] → those (negative counts from the end)."""
+    if layers is None or (isinstance(layers, str) and layers.strip() == "all"):
+        return list(range(n_layers))
+    if isinstance(layers, str):
+        try:
+            layers = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError as err:
+            raise KvdiagError(f"--layers {layers!r} is not 'all' or a comma-separated list of integers") from err
+    chosen = []
+    for i in layers:
+        j = i + n_layers if i < 0 else i
+        if not 0 <= j < n_layers:
+            raise KvdiagError(f"layer index {i} is out of range; the model has layers 0..{n_layers - 1}")
+        chosen.append(j)
+    if not chosen:
+        raise KvdiagError("no layers selected")
+    return sorted(set(chosen))
+
+
+class Recorder:
+    """Collects tensors during the prompt pass; `trace()` assembles a `Trace`."""
+
+    def __init__(self, model, layers: list[int], outputs: bool, store_device):
+        self.model = model
+        self.layers = set(layers)
+        self.outputs = outputs
+        self.store_device = store_device
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.rope_tables: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.rope_of_layer: dict[str, int] = {}
+        self.done_layers: set[int] = set()
+        self.input_ids: torch.Tensor | None = None
+
+    def _keep(self, layer: int, name: str, tensor: torch.Tensor) -> None:
+        if tensor.shape[0] != 1:
+            raise KvdiagError(f"capture needs batch size 1, got {tensor.shape[0]}")
+        self.tensors[f"layers.{layer}.{name}"] = tensor[0].detach().to(self.store_device).clone()
+
+    def _keep_rope(self, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        for j, (c, s) in enumerate(self.rope_tables):
+            if c.shape == cos[0].shape and torch.equal(c, cos[0].to(c.device)) and torch.equal(s, sin[0].to(s.device)):
+                self.rope_of_layer[str(layer)] = j
+                return
+        self.rope_tables.append((cos[0].detach().to(self.store_device).clone(), sin[0].detach().to(self.store_device).clone()))
+        self.rope_of_layer[str(layer)] = len(self.rope_tables) - 1
+
+    def trace(self, prompt_text: str | None = None) -> Trace:
+        if not self.done_layers:
+            raise KvdiagError("nothing was captured: run the model on a prompt inside the capture context")
+        layers = sorted(self.done_layers)
+        tensors = dict(self.tensors)
+        for j, (cos, sin) in enumerate(self.rope_tables):
+            tensors[f"rope.{j}.cos"], tensors[f"rope.{j}.sin"] = cos, sin
+        n_tokens = tensors[f"layers.{layers[0]}.k_post"].shape[1]
+        tensors["positions"] = torch.arange(n_tokens)
+        info = {str(d["layer"]): d for d in adapter.layer_info(self.model)}
+        meta = {
+            "model": getattr(self.model, "kvdiag_name", getattr(self.model.config, "_name_or_path", "")),
+            "shapes": adapter.config_shapes(self.model.config),
+            "n_tokens": int(n_tokens),
+            "layers": layers,
+            "dtype": str(tensors[f"layers.{layers[0]}.k_post"].dtype).replace("torch.", ""),
+            "device": str(next(self.model.parameters()).device),
+            "layer_info": {str(i): info[str(i)] for i in layers},
+            "rope_of_layer": {str(i): self.rope_of_layer[str(i)] for i in layers},
+            "with_outputs": self.outputs,
+        }
+        if self.input_ids is not None:
+            ids = self.input_ids.flatten().tolist()
+            meta["input_ids_sha256"] = hashlib.sha256(str(ids).encode()).hexdigest()
+        if prompt_text is not None:
+            meta["prompt_sha256"] = hashlib.sha256(prompt_text.encode()).hexdigest()
+        from kvdiag.runs import versions
+
+        meta["versions"] = versions()
+        return Trace(tensors, meta)
+
+
+@contextlib.contextmanager
+def capture(
+    model, layers: str | Sequence[int] | None = "all", outputs: bool = False, store_device: str | None = None
+) -> Iterator[Recorder]:
+    """Record q, k_pre, k_post, v (and attn_out with outputs=True) of `layers` during the next forward.
+
+    store_device: where captured tensors live (default: the model's device).
+    """
+    attn_modules = adapter.attention_modules(model)
+    chosen = resolve_layers(layers, len(attn_modules))
+    device = store_device or next(model.parameters()).device
+    rec = Recorder(model, chosen, outputs, device)
+    handles = []
+
+    k_proj_outputs: dict[int, torch.Tensor] = {}
+
+    def on_k_proj(layer):
+        def hook(_module, _inputs, output):
+            if layer in rec.done_layers:
+                return
+            k_proj_outputs[layer] = output
+            if getattr(attn_modules[layer], "k_norm", None) is None:
+                rec._keep(layer, "k_pre", adapter.pre_rope_keys_bhld(output, None, None, attn_modules[layer].head_dim))
+
+        return hook
+
+    def on_k_norm(layer):
+        def hook(_module, inputs, output):
+            if layer not in rec.done_layers:
+                k_pre = adapter.pre_rope_keys_bhld(
+                    k_proj_outputs.pop(layer), inputs[0], output, attn_modules[layer].head_dim
+                )
+                rec._keep(layer, "k_pre", k_pre)
+
+        return hook
+
+    def on_attention_input(layer):
+        def hook(_module, args, kwargs):
+            if layer in rec.done_layers:
+                return
+            cos_sin = kwargs.get("position_embeddings")
+            if cos_sin is None and len(args) > 1:
+                cos_sin = args[1]
+            rec._keep_rope(layer, *cos_sin)
+
+        return hook
+
+    def on_model_input(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if rec.input_ids is None and ids is not None:
+            rec.input_ids = ids.detach().cpu()
+
+    def record(original, module, query, key, value, attention_mask, **kwargs):
+        out, weights = original(module, query, key, value, attention_mask, **kwargs)
+        layer = module.layer_idx
+        if layer in rec.layers and layer not in rec.done_layers:
+            rec._keep(layer, "q", query)
+            rec._keep(layer, "k_post", key)
+            rec._keep(layer, "v", value)
+            if outputs:
+                rec._keep(layer, "attn_out", out.transpose(1, 2))
+            rec.done_layers.add(layer)
+        return out, weights
+
+    try:
+        handles.append(model.register_forward_pre_hook(on_model_input, with_kwargs=True))
+        for layer in chosen:
+            attn = attn_modules[layer]
+            handles.append(attn.k_proj.register_forward_hook(on_k_proj(layer)))
+            if getattr(attn, "k_norm", None) is not None:
+                handles.append(attn.k_norm.register_forward_hook(on_k_norm(layer)))
+            handles.append(attn.register_forward_pre_hook(on_attention_input(layer), with_kwargs=True))
+        with adapter.attention_override(model, record):
+            yield rec
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture_prompt(
+    model,
+    tokenizer,
+    prompt: str | None = None,
+    *,
+    input_ids: torch.Tensor | None = None,
+    layers: str | Sequence[int] | None = "all",
+    chat: bool = False,
+    max_tokens: int | None = None,
+    outputs: bool = False,
+    store_device: str | None = None,
+) -> Trace:
+    """Tokenize `prompt` (or take `input_ids` [1, L]), run one forward pass and return its Trace."""
+    from kvdiag.prompts import tokenize_prompt
+
+    if input_ids is None:
+        input_ids = tokenize_prompt(tokenizer, prompt, model=model, chat=chat, max_tokens=max_tokens)
+    device = next(model.parameters()).device
+    with torch.inference_mode(), capture(model, layers, outputs=outputs, store_device=store_device) as rec:
+        model(input_ids=input_ids.to(device), use_cache=False)
+    return rec.trace(prompt_text=prompt)

@@ -1,0 +1,1 @@
+"""kvdiag command line: one module per subcommand."""

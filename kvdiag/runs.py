@@ -1,0 +1,100 @@
+"""Run directories: atomic writes, the manifest (config, versions, git hash, device), tidy tables."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+from kvdiag.errors import KvdiagError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
+
+
+def write_table(df, path: Path) -> Path:
+    """Write a tidy pandas table as parquet, atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    df.to_parquet(buffer, index=False)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def prepare_run_dir(out: str | Path) -> Path:
+    """Create (or reuse) a run directory and check it is writable, before any long work starts."""
+    out = Path(out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".kvdiag-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise KvdiagError(f"--out {out} is not a writable directory ({err.strerror})") from err
+    return out
+
+
+def git_hash() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        result = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        return result.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    """Versions of everything that changes numbers, plus the GPU (for bug reports and manifests)."""
+    import torch
+    import transformers
+
+    info = {
+        "kvdiag": __import__("kvdiag").__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def write_manifest(out: Path, command: str, config: dict, extra: dict | None = None) -> dict:
+    manifest = {
+        "command": command,
+        "config": config,
+        "versions": versions(),
+        "git": git_hash(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    atomic_write_json(Path(out) / "manifest.json", manifest)
+    return manifest

@@ -1,0 +1,139 @@
+"""`Trace`: what `kvdiag.capture` recorded for one prompt, with canonical names, saved atomically.
+
+Canonical tensor names (batch 1; H_q query heads, H_kv KV heads, L prompt tokens, d head dim):
+
+    layers.{i}.q         [H_q, L, d]   queries after RoPE (after q_norm where the model has one)
+    layers.{i}.k_pre     [H_kv, L, d]  keys before RoPE (after k_norm where the model has one)
+    layers.{i}.k_post    [H_kv, L, d]  keys after RoPE, exactly as attention / the KV cache sees them
+    layers.{i}.v         [H_kv, L, d]  values
+    layers.{i}.attn_out  [H_q, L, d]   attention output (o_proj input), only with outputs=True
+    positions            [L]           position ids of the prompt tokens
+    rope.{j}.cos/.sin    [L, d]        the model's rotary tables; meta["rope_of_layer"][i] = j
+
+On disk a trace is `trace.safetensors` plus `trace.json` (model, prompt hash, token count, layers,
+dtype, versions, per-layer scale and sliding window). Each file is written to a temporary name and
+renamed; the JSON is written last, so a trace without its JSON was never completed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvdiag.errors import KvdiagError
+from kvdiag.runs import atomic_write_bytes, atomic_write_json
+
+TENSOR_FILE = "trace.safetensors"
+META_FILE = "trace.json"
+FIELDS = ("q", "k_pre", "k_post", "v", "attn_out")
+
+
+@dataclass
+class Trace:
+    tensors: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- access
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta["layers"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.meta["n_tokens"])
+
+    def get(self, layer: int, name: str) -> torch.Tensor:
+        key = f"layers.{layer}.{name}"
+        if key not in self.tensors:
+            have = sorted({k.split(".")[1] for k in self.tensors if k.startswith("layers.")}, key=int)
+            if str(layer) not in have:
+                raise KvdiagError(f"layer {layer} was not captured; captured layers: {', '.join(have)}")
+            raise KvdiagError(f"{key} was not captured (capture with outputs=True for attn_out)")
+        return self.tensors[key]
+
+    def q(self, layer: int) -> torch.Tensor:
+        return self.get(layer, "q")
+
+    def k_pre(self, layer: int) -> torch.Tensor:
+        return self.get(layer, "k_pre")
+
+    def k_post(self, layer: int) -> torch.Tensor:
+        return self.get(layer, "k_post")
+
+    def v(self, layer: int) -> torch.Tensor:
+        return self.get(layer, "v")
+
+    def rope(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [L, d] the model used at this layer."""
+        j = self.meta["rope_of_layer"][str(layer)]
+        return self.tensors[f"rope.{j}.cos"], self.tensors[f"rope.{j}.sin"]
+
+    def layer_meta(self, layer: int) -> dict:
+        """scaling, sliding_window, softcap, group of one layer."""
+        return self.meta["layer_info"][str(layer)]
+
+    def layer_kv(self, layer: int, dtype: torch.dtype | None = torch.float32, device=None):
+        """The layer as a `kvdiag.methods.base.LayerKV` (float32 by default, for analyses)."""
+        from kvdiag.methods.base import LayerKV
+
+        def conv(t):
+            return t.to(device=device, dtype=dtype or t.dtype)
+
+        cos, sin = self.rope(layer)
+        return LayerKV(
+            k_pre=conv(self.k_pre(layer)),
+            k_post=conv(self.k_post(layer)),
+            v=conv(self.v(layer)),
+            cos=cos.to(device=device, dtype=torch.float32),
+            sin=sin.to(device=device, dtype=torch.float32),
+            scaling=self.layer_meta(layer)["scaling"],
+            q=conv(self.q(layer)),
+            layer_idx=layer,
+        )
+
+    def to(self, device) -> Trace:
+        return Trace({k: v.to(device) for k, v in self.tensors.items()}, dict(self.meta))
+
+    def __repr__(self) -> str:
+        return (
+            f"Trace(model={self.meta.get('model')!r}, tokens={self.n_tokens}, layers={self.layers}, "
+            f"dtype={self.meta.get('dtype')})"
+        )
+
+    # ----------------------------------------------------------------- storage
+    def save(self, directory: str | Path) -> Path:
+        """Write `trace.safetensors` and `trace.json` into `directory` (atomically, JSON last)."""
+        from safetensors.torch import save
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = save({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()})
+        atomic_write_bytes(directory / TENSOR_FILE, payload)
+        atomic_write_json(directory / META_FILE, self.meta)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> Trace:
+        """Read a trace saved by `save`; a missing, truncated or inconsistent one gets a clear error."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta_path, tensor_path = directory / META_FILE, directory / TENSOR_FILE
+        if not meta_path.exists() or not tensor_path.exists():
+            raise KvdiagError(f"{directory} holds no complete trace (need {META_FILE} and {TENSOR_FILE})")
+        try:
+            meta = json.loads(meta_path.read_text())
+            tensors = load_file(tensor_path, device=device)
+        except (json.JSONDecodeError, SafetensorError, OSError) as err:
+            raise KvdiagError(f"corrupt trace in {directory}: {err}") from err
+        missing = [
+            f"layers.{i}.{name}" for i in meta.get("layers", []) for name in ("q", "k_pre", "k_post", "v")
+            if f"layers.{i}.{name}" not in tensors
+        ]  # fmt: skip
+        if missing or "n_tokens" not in meta:
+            raise KvdiagError(f"corrupt trace in {directory}: missing {', '.join(missing[:4]) or 'n_tokens'}")
+        return cls(tensors, meta)
