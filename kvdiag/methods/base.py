@@ -89,7 +89,9 @@ def resolve_budget(budget: float | int, n_tokens: int) -> int:
     (2048, 2048)
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise KvdiagError(f"budget {budget!r} is not a number; give a fraction in (0, 1] or a token count ≥ 1")
+        raise KvdiagError(
+            f"budget {budget!r} is not a number; give a fraction in (0, 1] or a token count ≥ 1"
+        )
     if isinstance(budget, float) and budget <= 1:
         if budget <= 0:
             raise KvdiagError(f"budget fraction {budget} is outside (0, 1]")

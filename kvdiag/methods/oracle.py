@@ -33,7 +33,9 @@ class Oracle(Method):
     """
 
     name: ClassVar[str] = "oracle"
-    paper: ClassVar[str] = "oracle top-k baseline of arXiv 2604.08426 (yandex-research/context-intensive-kv-offloading)"
+    paper: ClassVar[str] = (
+        "oracle top-k baseline of arXiv 2604.08426 (yandex-research/context-intensive-kv-offloading)"
+    )
 
     def build(self, layer: LayerKV) -> LayerKV:
         return layer

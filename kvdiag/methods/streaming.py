@@ -24,7 +24,9 @@ class StreamingLLM(Method):
     """
 
     name: ClassVar[str] = "streaming"
-    paper: ClassVar[str] = "Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024 (mit-han-lab/streaming-llm)"
+    paper: ClassVar[str] = (
+        "Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024 (mit-han-lab/streaming-llm)"
+    )
 
     sinks: int = 4
 

@@ -66,7 +66,9 @@ def list_quantizers() -> dict[str, str]:
     for name in grid_names():
         d, n = grid_shape(name)
         bits = math.log2(n) / d
-        specs[f"higgs:{name}"] = f"HIGGS on the {name} grid ({bits:g} bit/coord), Hadamard group 128 (or :g<G>, :row)"
+        specs[f"higgs:{name}"] = (
+            f"HIGGS on the {name} grid ({bits:g} bit/coord), Hadamard group 128 (or :g<G>, :row)"
+        )
     return specs
 
 
@@ -98,11 +100,15 @@ def get_quantizer(spec: str) -> Quantizer:
 
 def _higgs(spec: str, opts: list[str]) -> HiggsQuantizer:
     if not opts:
-        raise KvdiagError(f"quantizer spec {spec!r} needs a grid, e.g. 'higgs:EDEN4-256'; grids: {', '.join(grid_names())}")
+        raise KvdiagError(
+            f"quantizer spec {spec!r} needs a grid, e.g. 'higgs:EDEN4-256'; grids: {', '.join(grid_names())}"
+        )
     grid = opts[0].upper()
     grid_shape(grid)  # "did you mean" on unknown grids
     if len(opts) > 2:
-        raise KvdiagError(f"bad options in quantizer spec {spec!r}: higgs takes a grid and one ':g<G>' or ':row'")
+        raise KvdiagError(
+            f"bad options in quantizer spec {spec!r}: higgs takes a grid and one ':g<G>' or ':row'"
+        )
     group = parse_group(opts[1], spec) if len(opts) == 2 else DEFAULT_HIGGS_GROUP
     if group is not None and not is_power_of_two(group):
         raise KvdiagError(f"HIGGS Hadamard group must be a power of two, got {group} in {spec!r}")

@@ -45,7 +45,7 @@ def grid_shape(name: str) -> tuple[int, int]:
     return int(d), int(n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_cpu(name: str) -> torch.Tensor:
     d, n = grid_shape(name)
     with (_grid_dir() / f"{name}.npy").open("rb") as f:

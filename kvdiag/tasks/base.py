@@ -73,39 +73,53 @@ def fit_length(
 ) -> tuple[int, str, int]:
     """Find the amount of filler `n` whose prompt `build(n)` is closest to `target_tokens`.
 
-    `build(n)` must grow with n (n = filler sentences / units). Doubles an upper bound, then bisects.
+    `build(n)` must grow with n (n = filler sentences / units). Extrapolates linearly until the target
+    is bracketed, then alternates interpolation and bisection; stops early within 0.5 % of the target.
     Returns (n, prompt, tokens). Raises KvdiagError when the prompt without filler is already too long
     or the result misses the target by more than LENGTH_TOLERANCE.
     """
     if target_tokens <= 0:
         raise KvdiagError(f"target_tokens must be positive, got {target_tokens}")
-    lo_text = build(0)
-    lo_tokens = count(lo_text)
-    if lo_tokens > target_tokens * (1 + LENGTH_TOLERANCE):
+    best: tuple[int, int, str, int] | None = None
+
+    def measure(n: int) -> int:
+        nonlocal best
+        text = build(n)
+        tokens = count(text)
+        if best is None or abs(tokens - target_tokens) < best[0]:
+            best = (abs(tokens - target_tokens), n, text, tokens)
+        return tokens
+
+    base_tokens = measure(0)
+    if base_tokens > target_tokens * (1 + LENGTH_TOLERANCE):
         raise KvdiagError(
-            f"{what}: the prompt without filler already has {lo_tokens} tokens, more than "
+            f"{what}: the prompt without filler already has {base_tokens} tokens, more than "
             f"target_tokens={target_tokens}; raise target_tokens or lower the number of facts"
         )
-    best = (abs(lo_tokens - target_tokens), 0, lo_text, lo_tokens)
-    lo, hi = 0, 64
-    while True:  # grow hi until it overshoots
-        text = build(hi)
-        tokens = count(text)
-        best = min(best, (abs(tokens - target_tokens), hi, text, tokens), key=lambda b: b[0])
-        if tokens >= target_tokens:
-            break
-        lo, hi = hi, hi * 2
-        if hi > 1 << 24:
-            raise KvdiagError(f"{what}: cannot reach {target_tokens} tokens")
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        text = build(mid)
-        tokens = count(text)
-        best = min(best, (abs(tokens - target_tokens), mid, text, tokens), key=lambda b: b[0])
+    good_enough = max(1.0, 0.005 * target_tokens)
+    lo, lo_tok, hi, hi_tok = 0, base_tokens, None, None
+    n, step = 64, 0
+    while best[0] > good_enough and base_tokens < target_tokens:
+        tokens = measure(n)
         if tokens < target_tokens:
-            lo = mid
+            lo, lo_tok = n, tokens
         else:
-            hi = mid
+            hi, hi_tok = n, tokens
+        step += 1
+        if hi is None:  # not bracketed yet: extrapolate from (0, base) through (lo, lo_tok), aim 2 % over
+            rate = max((lo_tok - base_tokens) / lo, 1e-3)
+            n = min(math.ceil(lo + 1.02 * (target_tokens - lo_tok) / rate), 16 * lo)
+            n = max(n, lo + 1)
+            if n > 1 << 24:
+                raise KvdiagError(f"{what}: cannot reach {target_tokens} tokens")
+            continue
+        if hi - lo <= 1:
+            break
+        if step % 2 and hi_tok > lo_tok:  # interpolate
+            n = lo + round((target_tokens - lo_tok) * (hi - lo) / (hi_tok - lo_tok))
+        else:  # bisect
+            n = (lo + hi) // 2
+        n = min(max(n, lo + 1), hi - 1)
     _, n, text, tokens = best
     if abs(tokens - target_tokens) > LENGTH_TOLERANCE * target_tokens:
         raise KvdiagError(

@@ -78,12 +78,10 @@ def load_needles(path: Path) -> tuple[Needle, ...]:
     return tuple(out)
 
 
-_PLACES = ["Amber", "Cobalt", "Crimson", "Silver", "Misty", "Hollow", "Northern", "Quiet", "Sunken", "Ivory",
-           "Velvet", "Granite", "Willow", "Copper", "Frozen", "Lantern"]
+_PLACES = "Amber Cobalt Crimson Silver Misty Hollow Northern Quiet Sunken Ivory Velvet Granite Willow Copper Frozen Lantern".split()
 _PLACE_KINDS = ["Valley", "Harbor", "Plateau", "Forest", "Lagoon", "Canyon", "Meadow", "Archipelago"]
-_ITEM_ADJ = ["Whispering", "Gilded", "Eternal", "Shattered", "Radiant", "Obsidian", "Clockwork", "Wandering",
-             "Silent", "Burning", "Hidden", "Sapphire", "Thunder", "Moonlit", "Ancient", "Crystal"]
-_ITEMS = ["Compass", "Lantern", "Chalice", "Key", "Map", "Harp", "Crown", "Mirror", "Sextant", "Bell", "Anvil"]
+_ITEM_ADJ = "Whispering Gilded Eternal Shattered Radiant Obsidian Clockwork Wandering Silent Burning Hidden Sapphire Thunder Moonlit Ancient Crystal".split()
+_ITEMS = "Compass Lantern Chalice Key Map Harp Crown Mirror Sextant Bell Anvil".split()
 
 
 def generated_needles(k: int, rng: random.Random) -> list[Needle]:

@@ -14,7 +14,14 @@ from typing import Any
 
 from kvdiag.errors import KvdiagError
 from kvdiag.tasks.base import Sample, Task, check_n, counter_name, fit_length, resolve_data_dir, token_counter
-from kvdiag.tasks.haystack import PROMPT_MANY, Haystack, insert_needles, keyword_found, multi_question, needle_files
+from kvdiag.tasks.haystack import (
+    PROMPT_MANY,
+    Haystack,
+    insert_needles,
+    keyword_found,
+    multi_question,
+    needle_files,
+)
 
 
 @dataclass

@@ -47,7 +47,14 @@ class SingleNeedle(Task):
                 return PROMPT_ONE.format(context=context, question=nd.retrieval_question)
 
             k, prompt, tokens = fit_length(build, count, target_tokens, self.name)
-            gold = [{"depth": self.depth, "keyword": nd.arg2, "needle": nd.needle, "question": nd.retrieval_question}]
+            gold = [
+                {
+                    "depth": self.depth,
+                    "keyword": nd.arg2,
+                    "needle": nd.needle,
+                    "question": nd.retrieval_question,
+                }
+            ]
             meta = {
                 "n_facts": 1,
                 "depths": [self.depth],

@@ -64,8 +64,8 @@ class GridRecipe:
 
 # Budgets sized so the whole set takes ~3 min on 2 CPU cores (cost per step ∝ samples · n).
 RECIPES = (
-    GridRecipe(1, 4, 400_000, 150),  # 2 bit scalar
-    GridRecipe(1, 16, 400_000, 150),  # 4 bit scalar
+    GridRecipe(1, 4, 400_000, 600),  # 2 bit scalar
+    GridRecipe(1, 16, 400_000, 600),  # 4 bit scalar
     GridRecipe(2, 16, 400_000, 150),  # 2 bit
     GridRecipe(2, 64, 400_000, 120),  # 3 bit
     GridRecipe(2, 256, 400_000, 150),  # 4 bit (YAKV offloaded K/V)
@@ -152,7 +152,9 @@ def make_grid(recipe: GridRecipe, out_dir: Path, base_seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the .npy files and grids.json")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="folder for the .npy files and grids.json"
+    )
     parser.add_argument("--only", nargs="*", default=None, help="grid names to build, e.g. EDEN4-256")
     parser.add_argument("--seed", type=int, default=0, help="base seed")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -168,8 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     for recipe in recipes:
         record = make_grid(recipe, args.out, args.seed)
         index[recipe.name] = record
-        print(f"{recipe.name}: {record['bits_per_coord']:.3g} bit/coord, MSE {record['mse_per_coord']:.5f} "
-              f"({record['build_seconds']} s)")
+        print(
+            f"{recipe.name}: {record['bits_per_coord']:.3g} bit/coord, MSE {record['mse_per_coord']:.5f} "
+            f"({record['build_seconds']} s)"
+        )
     index_path.write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
 
 

@@ -1,0 +1,56 @@
+"""`kvdiag spectrum`: key rank spectra and low-rank damage of a model on a prompt, with figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from kvdiag.cli import friendly_errors
+
+EXAMPLES = """
+Examples:
+
+  kvdiag spectrum --out runs/smol                      # default model, built-in sample text
+  kvdiag spectrum --model qwen2.5-coder-0.5b --prompt-file doc.txt --layers 0,6,12 --out runs/qwen
+  kvdiag spectrum --model meta-llama/Llama-3.1-8B-Instruct --device cuda --max-tokens 32768 --out runs/llama
+"""
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("spectrum", epilog=EXAMPLES)
+    @friendly_errors
+    def spectrum(
+        out: Path = typer.Option(..., "--out", help="run directory for tables, manifest and figures"),
+        model: str = typer.Option(
+            "smollm2-135m", "--model", help="registered name, HF id, local dir or .gguf"
+        ),
+        prompt_file: Path = typer.Option(None, "--prompt-file", help="text file with the prompt"),
+        text: str = typer.Option(None, "--text", help="the prompt itself"),
+        layers: str = typer.Option("all", "--layers", help="'all' or comma-separated indices, e.g. 0,5,10"),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto"),
+        dtype: str = typer.Option(
+            None, "--dtype", help="float32 (CPU default), bfloat16 (CUDA default), float16"
+        ),
+        max_tokens: int = typer.Option(None, "--max-tokens", help="keep only the first N prompt tokens"),
+        chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
+        queries: int = typer.Option(64, "--queries", help="last prompt positions used for low-rank damage"),
+        center: bool = typer.Option(
+            False, "--center", help="centre keys before the SVD (default: uncentred)"
+        ),
+    ) -> None:
+        """Singular-value spectra of keys (joint and per KV head, pre and post RoPE) and what a
+        rank-r SVD of pre-RoPE keys (ShadowKV) does to attention. Without a prompt, a built-in
+        context-intensive sample text is used."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from kvdiag.spectrum import run_spectrum
+
+        result = run_spectrum(
+            model, out, prompt=text, prompt_file=prompt_file, layers=layers, device=device, dtype=dtype,
+            max_tokens=max_tokens, chat=chat, n_queries=queries, center=center,
+        )  # fmt: skip
+        typer.echo(f"{result['n_tokens']} tokens, {result['seconds']:.1f} s")
+        typer.echo(f"tables:  {', '.join(str(p) for p in result['tables'])}")
+        typer.echo(f"figures: {result['out'] / 'figures'}/ ({len(result['figures'])} files)")

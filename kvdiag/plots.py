@@ -1,0 +1,178 @@
+"""Figures drawn from saved tables (never from live state), so `kvdiag plot RUN_DIR` redraws them.
+
+Every figure is saved as PNG (dpi 200) and PDF (byte-stable: no creation date; set
+SOURCE_DATE_EPOCH for other metadata) under RUN_DIR/figures/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kvdiag.errors import KvdiagError
+from kvdiag.lowrank import SHADOWKV_CHANNELS, SHADOWKV_RANK
+
+STAGE_TITLES = {"pre_rope": "pre-RoPE keys", "post_rope": "post-RoPE keys"}
+
+
+@contextlib.contextmanager
+def style():
+    """kvdiag's packaged matplotlib style."""
+    import matplotlib.pyplot as plt
+
+    with plt.style.context(str(files("kvdiag").joinpath("kvdiag.mplstyle"))):
+        yield
+
+
+def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
+    """Save `fig` as name.png and name.pdf in out_dir (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    from kvdiag.runs import atomic_write_bytes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        import io
+
+        buffer = io.BytesIO()
+        metadata = {"CreationDate": None} if ext == "pdf" else {"Software": None}
+        fig.savefig(buffer, format=ext, metadata=metadata)
+        path = out_dir / f"{name}.{ext}"
+        atomic_write_bytes(path, buffer.getvalue())
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def energy_vs_rank(spectrum: pd.DataFrame, title: str = ""):
+    """Cumulative energy vs rank of the joint key matrix, one curve per layer, pre vs post RoPE."""
+    import matplotlib.pyplot as plt
+
+    joint = spectrum[spectrum.kv_head == -1]
+    layers = sorted(joint.layer.unique())
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.95, max(len(layers), 1)))
+    fig, axes = plt.subplots(1, 2, sharey=True, figsize=(7.5, 3.4))
+    channels = int(joint["index"].max()) + 1
+    for ax, stage in zip(axes, STAGE_TITLES):
+        for color, layer in zip(colors, layers):
+            rows = joint[(joint.stage == stage) & (joint.layer == layer)]
+            ax.plot(rows["index"] + 1, rows.energy, color=color, lw=1.0, label=f"layer {layer}")
+        ax.axvline(SHADOWKV_RANK * channels / SHADOWKV_CHANNELS, color="crimson", ls="--", lw=1)
+        ax.text(
+            SHADOWKV_RANK * channels / SHADOWKV_CHANNELS, 0.02, " ShadowKV rank", color="crimson", fontsize=7
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel(f"rank r (of {channels} channels, all KV heads joint)")
+        ax.set_title(STAGE_TITLES[stage])
+    axes[0].set_ylabel("energy in top-r singular values")
+    axes[0].set_ylim(0, 1.01)
+    sm = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(min(layers), max(layers)))
+    fig.colorbar(sm, ax=axes, label="layer", fraction=0.03, pad=0.02)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def rank_heatmap(summary: pd.DataFrame, level: int = 95, title: str = ""):
+    """Layer × KV-head heatmap of the rank that holds `level` % of the energy, pre vs post RoPE."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    per_head = summary[summary.kv_head >= 0]
+    column = f"rank{level}"
+    vmax = per_head[column].max()
+    n_layers, n_heads = per_head.layer.nunique(), per_head.kv_head.nunique()
+    fig, axes = plt.subplots(1, 2, figsize=(3 + 0.5 * n_heads * 2, 1.5 + 0.18 * n_layers), sharey=True)
+    for ax, stage in zip(axes, STAGE_TITLES):
+        grid = per_head[per_head.stage == stage].pivot(index="layer", columns="kv_head", values=column)
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=vmax, cmap="viridis", annot=n_heads * n_layers <= 160,
+                    fmt=".0f", annot_kws={"fontsize": 6}, cbar=stage == "post_rope",
+                    cbar_kws={"label": f"rank for {level} % energy"})  # fmt: skip
+        ax.set_title(STAGE_TITLES[stage])
+        ax.set_xlabel("KV head")
+        ax.set_ylabel("")
+        ax.grid(False)
+        ax.tick_params(axis="y", labelsize=6, rotation=0)
+    axes[0].set_ylabel("layer")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def lowrank_damage_plot(damage: pd.DataFrame, title: str = ""):
+    """Top-k recall, logit and output error vs rank (mean over layers and heads; faint: per layer)."""
+    import matplotlib.pyplot as plt
+
+    metrics = {"topk_recall": "top-k recall (k = 1.5625 % of L)", "logit_rel_error": "relative logit error",
+               "output_rel_error": "attention-output rel. error"}  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(9.5, 3.2))
+    per_layer = damage.groupby(["layer", "rank_fraction"], as_index=False)[list(metrics)].mean()
+    overall = damage.groupby("rank_fraction", as_index=False)[list(metrics)].mean()
+    svd_rank = damage.loc[damage.is_shadowkv_rank, "rank_fraction"]
+    for ax, (metric, label) in zip(axes, metrics.items()):
+        for _, rows in per_layer.groupby("layer"):
+            ax.plot(rows.rank_fraction, rows[metric], color="0.6", lw=0.5, alpha=0.6)
+        ax.plot(overall.rank_fraction, overall[metric], color="k", marker="o", ms=3, label="mean over layers")
+        if len(svd_rank):
+            ax.axvline(svd_rank.iloc[0], color="crimson", ls="--", lw=1, label="ShadowKV rank (160/1024)")
+        ax.set_xscale("log")
+        ax.set_xlabel("rank / channels")
+        ax.set_title(label)
+    axes[0].set_ylim(0, 1.02)
+    axes[0].legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _title(run_dir: Path) -> str:
+    import json
+
+    manifest = run_dir / "manifest.json"
+    if not manifest.exists():
+        return ""
+    config = json.loads(manifest.read_text()).get("config", {})
+    return f"{config.get('model', '')}, {config.get('n_tokens', '?')} tokens"
+
+
+def plot_spectrum_run(run_dir: str | Path) -> list[Path]:
+    """Draw every figure of a `kvdiag spectrum` run directory from its tables."""
+    run_dir = Path(run_dir)
+    needed = ["spectrum.parquet", "spectrum_summary.parquet"]
+    missing = [n for n in needed if not (run_dir / n).exists()]
+    if missing:
+        raise KvdiagError(f"{run_dir} is not a spectrum run directory (missing {', '.join(missing)})")
+    title = _title(run_dir)
+    out = run_dir / "figures"
+    paths = []
+    with style():
+        paths += save_figure(energy_vs_rank(pd.read_parquet(run_dir / "spectrum.parquet"), title), out,
+                             "energy_vs_rank")  # fmt: skip
+        paths += save_figure(rank_heatmap(pd.read_parquet(run_dir / "spectrum_summary.parquet"), 95, title), out,
+                             "rank95_heatmap")  # fmt: skip
+        if (run_dir / "lowrank_damage.parquet").exists():
+            damage = pd.read_parquet(run_dir / "lowrank_damage.parquet")
+            paths += save_figure(lowrank_damage_plot(damage, title), out, "lowrank_damage")
+    return paths
+
+
+PLOTTERS = {"spectrum": plot_spectrum_run}
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Redraw the figures of any kvdiag run directory (the kind is read from its manifest)."""
+    import json
+
+    run_dir = Path(run_dir)
+    manifest = run_dir / "manifest.json"
+    if not manifest.exists():
+        raise KvdiagError(f"{run_dir} has no manifest.json; is it a kvdiag run directory?")
+    command = json.loads(manifest.read_text()).get("command")
+    if command not in PLOTTERS:
+        raise KvdiagError(f"no figures known for runs of {command!r}; known: {', '.join(PLOTTERS)}")
+    return PLOTTERS[command](run_dir)

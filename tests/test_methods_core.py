@@ -1,0 +1,427 @@
+"""Core methods (exact, oracle, streaming, shadowkv, yakv, quest) and the registry.
+
+References are independent of the code under test: hand-worked toys, written-out numpy loops and
+numpy's SVD. The matrix test at the end runs every registered method, including later ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kvdiag.errors import KvdiagError
+from kvdiag.methods import get_method, list_methods, parse_method_spec
+from kvdiag.methods.base import LayerKV, resolve_budget
+from kvdiag.rope import apply_rope
+
+# --- fixtures and numpy references ----------------------------------------------------------------
+
+
+def rope_tables(n_tokens: int, d: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2).float() / d)
+    angles = torch.outer(torch.arange(n_tokens).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def random_layer(
+    n_kv: int, d: int, n_tokens: int, seed: int = 0, layer_idx: int = 5, rope: bool = True
+) -> LayerKV:
+    gen = torch.Generator().manual_seed(seed)
+    k_pre = torch.randn(n_kv, n_tokens, d, generator=gen)
+    v = torch.randn(n_kv, n_tokens, d, generator=gen)
+    if rope:
+        cos, sin = rope_tables(n_tokens, d)
+    else:
+        cos, sin = torch.ones(n_tokens, d), torch.zeros(n_tokens, d)
+    return LayerKV(k_pre, apply_rope(k_pre, cos, sin), v, cos, sin, scaling=d**-0.5, layer_idx=layer_idx)
+
+
+def layer_from_keys(k: torch.Tensor, layer_idx: int = 5) -> LayerKV:
+    """A layer whose RoPE is the identity, so k_pre = k_post = k [H_kv, L, d]."""
+    n_kv, n_tokens, d = k.shape
+    cos, sin = torch.ones(n_tokens, d), torch.zeros(n_tokens, d)
+    return LayerKV(
+        k.clone(), k.clone(), torch.randn(n_kv, n_tokens, d), cos, sin, d**-0.5, layer_idx=layer_idx
+    )
+
+
+def random_queries(n: int, n_q: int, d: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, n_q, d, generator=torch.Generator().manual_seed(seed))
+
+
+def np_gqa_topk(q: np.ndarray, k: np.ndarray, scale: float, budget: int) -> list[list[set[int]]]:
+    """Written-out oracle rule: per KV head, max over its query heads of softmax_j(q·k_j·scale), top budget.
+
+    q [n, H_q, d], k [H_kv, L, d] -> per step, per KV head, the set of chosen token ids.
+    """
+    n, n_q, _ = q.shape
+    n_kv, n_tokens, _ = k.shape
+    group = n_q // n_kv
+    out = []
+    for step in range(n):
+        per_head = []
+        for h in range(n_kv):
+            best = np.full(n_tokens, -np.inf)
+            for g in range(group):
+                logits = np.array([q[step, h * group + g] @ k[h, j] for j in range(n_tokens)]) * scale
+                probs = np.exp(logits - logits.max())
+                probs /= probs.sum()
+                best = np.maximum(best, probs)
+            per_head.append(set(np.argsort(-best, kind="stable")[:budget].tolist()))
+        out.append(per_head)
+    return out
+
+
+def chosen_sets(mask: torch.Tensor) -> list[list[set[int]]]:
+    return [[set(torch.nonzero(row).flatten().tolist()) for row in step] for step in mask]
+
+
+# --- exact, oracle, streaming ---------------------------------------------------------------------
+
+
+def test_exact_and_full_budget_oracle_attend_everything():
+    layer = random_layer(2, 16, 50)
+    q = random_queries(3, 4, 16)
+    for name, budget in (("exact", 7), ("oracle", 50), ("oracle", 1.0)):
+        method = get_method(name)
+        sel = method.select(method.build(layer), q, budget)
+        assert sel.mask.shape == (3, 2, 50) and bool(sel.mask.all()), name
+    exact = get_method("exact")
+    assert not exact.select(exact.build(layer), q, 7).fetched.any()
+    assert exact.fetched_bytes(exact.select(exact.build(layer), q, 7)) == 0
+
+
+def test_oracle_matches_written_out_gqa_topk():
+    layer = random_layer(3, 16, 40, seed=3)
+    q = random_queries(2, 9, 16, seed=4)
+    oracle = get_method("oracle")
+    sel = oracle.select(oracle.build(layer), q, 7)
+    expected = np_gqa_topk(q.numpy(), layer.k_post.numpy(), layer.scaling, 7)
+    assert chosen_sets(sel.mask) == expected
+    assert torch.equal(sel.fetched, sel.mask)  # the oracle keeps nothing resident
+
+
+def test_streaming_mask_is_sinks_plus_window():
+    layer = random_layer(2, 8, 20)
+    method = get_method("streaming")  # 4 sinks
+    sel = method.select(method.build(layer), random_queries(2, 4, 8), 10)
+    expected = {0, 1, 2, 3, 14, 15, 16, 17, 18, 19}
+    assert all(s == expected for step in chosen_sets(sel.mask) for s in step)
+    tiny = method.select(method.build(layer), random_queries(1, 4, 8), 2)
+    assert chosen_sets(tiny.mask)[0][0] == {0, 1}
+
+
+# --- ShadowKV -------------------------------------------------------------------------------------
+
+
+def shadowkv_toy() -> tuple[LayerKV, torch.Tensor]:
+    """64 tokens, d = 4, one KV head, chunk 8: chunks 0..6 are context, chunk 7 the local window.
+
+    Chunk c repeats one key b_c, except chunk 1 (one key flipped: min cos −1) and chunk 4 (one key
+    orthogonal: min cos 1/√50): those are the two outliers. Chunk 1's key would win the score if it
+    were a landmark. Query head 0 points at e0 (chunk 2 scores 6, chunk 5 scores 4 after /√4),
+    query head 1 at e1 (chunk 0 scores 2). Softmax per head, max over the group:
+    chunk 2 ≈ 0.87, chunk 0 ≈ 0.65, chunk 5 ≈ 0.12, chunks 3, 6 ≈ 0.09: the top 2 chunks are {0, 2}
+    (a mean query would pick {2, 5}).
+    """
+    e = torch.eye(4)
+    base = {0: e[1], 1: 5 * e[0], 2: 3 * e[0], 3: e[2], 4: e[3], 5: 2 * e[0], 6: -e[0], 7: e[2] + e[3]}
+    k = torch.stack([base[t // 8] for t in range(64)])
+    k[8 + 3] = -base[1]
+    k[32 + 5] = e[0]
+    q = torch.stack([4 * e[0], 4 * e[1]])[None]  # [1, H_q = 2, d]
+    return layer_from_keys(k[None]), q
+
+
+def test_shadowkv_toy_outliers_and_selected_chunks():
+    layer, q = shadowkv_toy()
+    method = get_method(
+        "shadowkv", rank=4, rank_channels=4, chunk=8, outlier_chunks=2, local=8, factor_dtype="fp32"
+    )
+    index = method.build(layer)
+    assert set(index.outlier_chunks[0].tolist()) == {1, 4}
+    assert sorted(index.landmark_chunks[0].tolist()) == [0, 2, 3, 5, 6]
+    sel = method.select(index, q, 16)  # 2 chunks
+    tokens = lambda chunks: {t for c in chunks for t in range(8 * c, 8 * c + 8)}  # noqa: E731
+    assert chosen_sets(sel.mask)[0][0] == tokens([0, 2, 1, 4, 7])
+    assert chosen_sets(sel.fetched)[0][0] == tokens([0, 2])
+    assert method.fetched_bytes(sel) == 16 * 4 * 2  # bf16 values of 16 tokens, d = 4
+
+
+def test_shadowkv_full_rank_rebuilds_post_rope_keys():
+    layer = random_layer(2, 16, 64, seed=5)
+    method = get_method("shadowkv", rank=32, rank_channels=32, outlier_chunks=1, local=8, factor_dtype="fp32")
+    keys = method.keys(method.build(layer))
+    torch.testing.assert_close(keys, layer.k_post, atol=1e-4, rtol=1e-4)
+    ids = torch.tensor([[0, 5, 63], [1, 2, 3]])
+    torch.testing.assert_close(
+        method.keys(method.build(layer), ids), keys.gather(1, ids[:, :, None].expand(-1, -1, 16))
+    )
+
+
+def test_shadowkv_svd_factor_matches_numpy():
+    layer = random_layer(2, 16, 64, seed=6)
+    method = get_method("shadowkv", rank=5, rank_channels=32, factor_dtype="fp32")
+    assert method.resolved_rank(32) == 5 and get_method("shadowkv").resolved_rank(192) == 30
+    index = method.build(layer)
+    flat = layer.k_pre.numpy().transpose(1, 0, 2).reshape(64, 32).astype(np.float64)
+    u, s, vt = np.linalg.svd(flat, full_matrices=False)
+    low_rank = (u[:, :5] * s[:5]) @ vt[:5]  # [L, H_kv·d]
+    ours = np.einsum("lr,hrd->lhd", index.u.double().numpy(), index.sv.double().numpy()).reshape(64, 32)
+    np.testing.assert_allclose(ours, low_rank, atol=1e-4)
+    overlap = np.abs(index.u.double().numpy().T @ u[:, :5])  # same singular vectors up to sign
+    np.testing.assert_allclose(overlap, np.eye(5), atol=1e-4)
+    # away from the always-kept tokens, keys are the rank-5 keys re-rotated at their positions
+    rebuilt = apply_rope(
+        torch.from_numpy(low_rank).float().reshape(64, 2, 16).transpose(0, 1), layer.cos, layer.sin
+    )
+    keys = method.keys(index)
+    free = ~index.always
+    torch.testing.assert_close(keys[free], rebuilt[free], atol=1e-4, rtol=1e-4)
+
+
+def test_shadowkv_bytes_at_8x128_channels():
+    layer = random_layer(8, 128, 256, seed=7, rope=False)
+    method = get_method("shadowkv", outlier_chunks=0)
+    parts = method.resident_breakdown(method.build(layer))
+    n_landmark_tokens = 256 - 32
+    assert parts["u_factor"] / 256 == 320  # rank 160 at bf16
+    assert parts["landmarks"] / n_landmark_tokens == 256  # 1024 bf16 channels / 8 tokens
+    assert parts["local"] == 32 * 8 * 128 * 2 * 2
+
+
+# --- YAKV -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("landmark_quant", ["bf16", "fp16"])
+def test_yakv_with_lossless_landmarks_selects_like_oracle(landmark_quant):
+    gen = torch.Generator().manual_seed(8)
+    k = torch.randint(-16, 17, (3, 120, 16), generator=gen).float() / 4  # exact in bf16 and fp16
+    layer = layer_from_keys(k)
+    q = random_queries(3, 9, 16, seed=9)
+    yakv = get_method("yakv", local=0, landmark_quant=landmark_quant)
+    oracle = get_method("oracle")
+    ours = yakv.select(yakv.build(layer), q, 10)
+    assert torch.equal(ours.mask, oracle.select(oracle.build(layer), q, 10).mask)
+    assert chosen_sets(ours.mask) == np_gqa_topk(q.numpy(), k.numpy(), 16**-0.5, 10)
+
+
+def test_yakv_bf16_landmarks_rank_bf16_rounded_keys():
+    layer = random_layer(2, 32, 100, seed=10)
+    q = random_queries(2, 4, 32, seed=11)
+    yakv = get_method("yakv", local=16, landmark_quant="bf16")
+    sel = yakv.select(yakv.build(layer), q, 12)
+    k_bf16 = layer.k_post[:, :84].to(torch.bfloat16).float().numpy()
+    expected = np_gqa_topk(q.numpy(), k_bf16, 32**-0.5, 12)
+    local = set(range(84, 100))
+    assert chosen_sets(sel.mask) == [[s | local for s in step] for step in expected]
+    assert chosen_sets(sel.fetched) == expected
+
+
+def test_yakv_runtime_and_simulator_agree_without_group_disagreement():
+    # G = 1: softmax then max over one head is monotone in q·lm, so both rank by the raw dot product.
+    layer = random_layer(4, 32, 150, seed=12)
+    sim, run = get_method("yakv"), get_method("yakv", scoring="runtime")
+    q = random_queries(3, 4, 32, seed=13)
+    sim_mask = sim.select(sim.build(layer), q, 20).mask
+    assert torch.equal(sim_mask, run.select(run.build(layer), q, 20).mask)
+    # G = 3 with identical queries inside each group: the group mean and the group max coincide.
+    layer = random_layer(2, 32, 150, seed=14)
+    q = random_queries(3, 2, 32, seed=15).repeat_interleave(3, dim=1)
+    assert torch.equal(sim.select(sim.build(layer), q, 20).mask, run.select(run.build(layer), q, 20).mask)
+
+
+def test_yakv_residual_quantization_lowers_landmark_error():
+    # Keys sharing a component within each meta-chunk (as neighbouring real keys do) plus noise.
+    gen = torch.Generator().manual_seed(16)
+    shared = 4 * torch.randn(2, 32, 1, 128, generator=gen).expand(-1, -1, 8, -1).reshape(2, 256, 128)
+    k = shared + 0.5 * torch.randn(2, 256, 128, generator=gen)
+    plain = get_method("yakv").quantize_landmarks(k)
+    residual = get_method("yakv", residual_meta_chunk=8).quantize_landmarks(k)
+    err = lambda x: float(((x - k) ** 2).mean())  # noqa: E731
+    assert err(residual) < 0.5 * err(plain)
+
+
+def test_yakv_kv_quant_and_bytes():
+    layer = random_layer(8, 128, 160, seed=17)
+    sim, run = get_method("yakv"), get_method("yakv", scoring="runtime")
+    assert sim.resolved_kv_quant().startswith("higgs:EDEN2-256") and run.resolved_kv_quant() == "fp8_e4m3"
+    index = sim.build(layer)
+    torch.testing.assert_close(sim.keys(index)[:, -64:], layer.k_post[:, -64:])  # local window exact
+    assert not torch.equal(sim.keys(index)[:, :-64], layer.k_post[:, :-64])  # offloaded keys quantized
+    per_token = sim.resident_breakdown(index)["landmarks"] / (160 - 64)
+    assert 256 <= per_token <= 256 + 32  # 2-bit codes of 1024 channels + scales
+    q = random_queries(2, 32, 128)
+    sel = run.select(run.build(layer), q, 10)
+    assert bool(sel.fetched[:, :, -64:].all())  # the runtime reads its local window from host memory
+    assert run.fetched_bytes(sel) == pytest.approx(8 * (10 + 64) * 2 * 128)  # fp8 K and V
+
+
+# --- Quest ----------------------------------------------------------------------------------------
+
+
+def test_quest_page_score_bounds_every_key():
+    method = get_method("quest", dense_layers=0)
+    for seed in range(10):
+        layer = random_layer(2, 8, 70, seed=seed)  # 5 pages, the last one partial
+        q = random_queries(2, 6, 8, seed=100 + seed)
+        scores = method.scores(method.build(layer), q)  # [n, H_q, P]
+        qk = torch.einsum("nhd,hld->nhl", q, layer.k_post.repeat_interleave(3, dim=0))
+        for p in range(5):
+            page_max = qk[:, :, 16 * p : 16 * p + 16].amax(dim=-1)
+            assert bool((scores[:, :, p] >= page_max - 1e-5).all())
+
+
+def test_quest_selection_matches_written_out_loop():
+    layer = random_layer(2, 8, 100, seed=18, layer_idx=4)
+    q = random_queries(2, 4, 8, seed=19)
+    method = get_method("quest")
+    sel = method.select(method.build(layer), q, 40)  # max(3, 40 // 16) = 3 pages
+    assert sel.per_query_head and sel.mask.shape == (2, 4, 100)
+    k, qn = layer.k_post.numpy(), q.numpy()
+    for step in range(2):
+        for h in range(4):
+            keys = k[h // 2]
+            scores = []
+            for p in range(7):
+                page = keys[16 * p : 16 * p + 16]
+                score = 0.0
+                for c in range(8):
+                    score += max(qn[step, h, c] * page[:, c].max(), qn[step, h, c] * page[:, c].min())
+                scores.append(score)
+            pages = np.argsort(-np.array(scores), kind="stable")[:3]
+            expected = {t for p in pages for t in range(16 * p, min(16 * p + 16, 100))}
+            assert set(torch.nonzero(sel.mask[step, h]).flatten().tolist()) == expected
+
+
+def test_quest_dense_layers_attend_everything():
+    layer = random_layer(2, 8, 100, seed=20, layer_idx=1)
+    method = get_method("quest")
+    sel = method.select(method.build(layer), random_queries(1, 4, 8), 40)
+    assert bool(sel.mask.all()) and not sel.fetched.any()
+
+
+# --- budgets, knobs, registry ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["oracle", "shadowkv", "yakv", "quest", "streaming"])
+def test_fraction_and_token_budgets_agree(name):
+    layer = random_layer(2, 16, 200, seed=21)
+    q = random_queries(2, 4, 16)
+    method = get_method(name)
+    index = method.build(layer)
+    assert torch.equal(method.select(index, q, 0.25).mask, method.select(index, q, 50).mask)
+
+
+@pytest.mark.parametrize("budget", [0, 0.0, -3, 1.5, 201, "half"])
+def test_out_of_range_budget_is_a_clear_error(budget):
+    method = get_method("yakv")
+    index = method.build(random_layer(2, 16, 200))
+    with pytest.raises(KvdiagError):
+        method.select(index, random_queries(1, 4, 16), budget)
+
+
+@pytest.mark.parametrize(
+    "name, knobs, words",
+    [
+        ("shadowkv", {"rank": -1}, "rank=-1"),
+        ("shadowkv", {"chunk": 0}, "chunk=0"),
+        ("shadowkv", {"local": 30}, "multiple of chunk"),
+        ("shadowkv", {"landmark_quant": "higgs:EDEN3-7"}, "landmark_quant"),
+        ("shadowkv", {"factor_dtype": "fp64"}, "factor_dtype"),
+        ("yakv", {"scoring": "sim"}, "'simulator'"),
+        ("yakv", {"kv_quant": "int99"}, "kv_quant"),
+        ("yakv", {"residual_meta_chunk": -2}, "residual_meta_chunk"),
+        ("quest", {"page": 0}, "page=0"),
+        ("streaming", {"sinks": -1}, "sinks=-1"),
+    ],
+)
+def test_invalid_knob_values_are_clear_errors(name, knobs, words):
+    with pytest.raises(KvdiagError, match=words):
+        get_method(name, **knobs)
+
+
+def test_rank_above_the_matrix_is_a_clear_error():
+    method = get_method("shadowkv", rank=64, rank_channels=32)
+    with pytest.raises(KvdiagError, match="exceeds"):
+        method.build(random_layer(2, 16, 50))
+
+
+def test_unknown_names_suggest_close_ones():
+    with pytest.raises(KvdiagError, match="did you mean 'shadowkv'"):
+        get_method("shadowk")
+    with pytest.raises(KvdiagError, match="did you mean 'rank'"):
+        get_method("shadowkv", rnak=3)
+    with pytest.raises(KvdiagError, match="did you mean 'chunk'"):
+        parse_method_spec("shadowkv:chunks=4")
+    with pytest.raises(KvdiagError, match="integer"):
+        parse_method_spec("shadowkv:rank=many")
+
+
+def test_parse_method_spec_and_list_methods():
+    method = parse_method_spec("shadowkv:rank=320, chunk=1,outlier_chunks=0,landmark_quant=higgs:EDEN4-256")
+    assert (method.name, method.rank, method.chunk, method.landmark_quant) == (
+        "shadowkv",
+        320,
+        1,
+        "higgs:EDEN4-256",
+    )
+    assert parse_method_spec("yakv").knobs() == get_method("yakv").knobs()
+    rows = {row["name"]: row for row in list_methods()}
+    assert {"exact", "oracle", "streaming", "shadowkv", "yakv", "quest"} <= set(rows)
+    assert rows["shadowkv"]["knobs"]["rank"] == 160 and rows["shadowkv"]["knobs"]["chunk"] == 8
+    assert rows["yakv"]["knobs"]["local"] == 64 and rows["quest"]["knobs"]["page"] == 16
+    for row in rows.values():
+        assert row["paper"] and row["description"], row["name"]
+
+
+# --- every registered method through the same checks -----------------------------------------------
+
+SHAPES = [(4, 2, 16), (9, 3, 64), (4, 1, 32)]
+
+
+def matrix_layer(n_q: int, n_kv: int, d: int, n_tokens: int = 200) -> LayerKV:
+    layer = random_layer(n_kv, d, n_tokens, seed=n_q * 100 + d)
+    layer.q = random_queries(1, n_q, d, seed=d)[0][:, None, :].expand(-1, n_tokens, -1).contiguous()
+    layer.q = layer.q + 0.1 * torch.randn(n_q, n_tokens, d)
+    return layer
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", [row["name"] for row in list_methods()])
+def test_every_method_runs_the_contract(name, shape):
+    n_q, n_kv, d = shape
+    n_tokens, budget = 200, 50  # 50 tokens ≥ Quest's minimum of 3 pages of 16; the contract passes ints
+    layer = matrix_layer(n_q, n_kv, d, n_tokens)
+    method = get_method(name)
+    index = method.build(layer)
+    q_a, q_b = random_queries(3, n_q, d, seed=31), random_queries(3, n_q, d, seed=32)
+    sel_a, sel_b = (
+        method.select(index, q_a, budget),
+        method.select(index, q_b, resolve_budget(0.25, n_tokens)),
+    )
+    n_sel = n_q if sel_a.per_query_head else n_kv
+    for sel in (sel_a, sel_b):
+        assert sel.mask.shape == (3, n_sel, n_tokens) and sel.mask.dtype == torch.bool
+        assert sel.fetched.shape == sel.mask.shape and sel.fetched.dtype == torch.bool
+        assert not bool((sel.fetched & ~sel.mask).any())
+        assert sel.per_query(n_q).shape == (3, n_q, n_tokens)
+    # What every query attends is the always-kept set plus coincidences, so the per-head count cannot
+    # exceed the budget (rounded up to the method's page or chunk, which upstream selects whole) plus
+    # that common part.
+    unit = next((getattr(method, k) for k in ("page", "page_size", "chunk") if hasattr(method, k)), 1)
+    common = torch.cat([sel_a.mask, sel_b.mask]).all(dim=0)  # [H_sel, L]
+    counts = torch.cat([sel_a.mask, sel_b.mask]).sum(dim=-1)  # [2n, H_sel]
+    assert bool((counts <= math.ceil(budget / unit) * unit + common.sum(dim=-1)).all())
+    keys, values = method.keys(index), method.values(index)
+    assert keys.shape == values.shape == (n_kv, n_tokens, d)
+    assert bool(torch.isfinite(keys).all() and torch.isfinite(values).all())
+    ids = torch.arange(0, n_tokens, 7).expand(n_kv, -1)
+    torch.testing.assert_close(method.keys(index, ids), keys[:, ::7].to(method.keys(index, ids).dtype))
+    assert method.resident_bytes(index) > 0
+    fetched = method.fetched_bytes(sel_a)
+    assert fetched >= 0 and math.isfinite(fetched)
