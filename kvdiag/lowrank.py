@@ -29,8 +29,10 @@ TOPK_FRACTION = 2048 / 131072  # 1.5625 %
 
 
 def shadowkv_rank(channels: int) -> int:
-    """ShadowKV's default rank scaled to `channels` = H_kv·d (160 at 1024)."""
-    return max(1, round(SHADOWKV_RANK * channels / SHADOWKV_CHANNELS))
+    """ShadowKV's default rank scaled to `channels` = H_kv·d (160 at 1024), by the method's own rule."""
+    from kvdiag.methods.shadowkv import ShadowKV
+
+    return ShadowKV().resolved_rank(channels)
 
 
 def default_ranks(channels: int) -> list[int]:

@@ -161,7 +161,12 @@ def plot_spectrum_run(run_dir: str | Path) -> list[Path]:
     return paths
 
 
-PLOTTERS = {"spectrum": plot_spectrum_run}
+# run kind (manifest "command") -> "module:function" drawing that run's figures from its tables
+PLOTTERS = {
+    "spectrum": "kvdiag.plots:plot_spectrum_run",
+    "recall": "kvdiag.recall_plots:plot_recall_run",
+    "eval": "kvdiag.eval_plots:plot_eval_run",
+}
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -175,4 +180,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     command = json.loads(manifest.read_text()).get("command")
     if command not in PLOTTERS:
         raise KvdiagError(f"no figures known for runs of {command!r}; known: {', '.join(PLOTTERS)}")
-    return PLOTTERS[command](run_dir)
+    import importlib
+
+    module, function = PLOTTERS[command].split(":")
+    return getattr(importlib.import_module(module), function)(run_dir)

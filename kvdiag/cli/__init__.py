@@ -45,10 +45,15 @@ def friendly_errors(func):
 
 
 def _register() -> None:
-    from kvdiag.cli import env_cmd, models_cmd, plot_cmd, spectrum_cmd
+    """Every module `kvdiag/cli/*_cmd.py` defines `register(app)`: a new file is a new subcommand."""
+    import importlib
+    import pkgutil
 
-    for module in (env_cmd, models_cmd, spectrum_cmd, plot_cmd):
-        module.register(app)
+    import kvdiag.cli
+
+    for info in sorted(pkgutil.iter_modules(kvdiag.cli.__path__), key=lambda m: m.name):
+        if info.name.endswith("_cmd"):
+            importlib.import_module(f"kvdiag.cli.{info.name}").register(app)
 
 
 def main() -> None:
