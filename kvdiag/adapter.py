@@ -117,6 +117,25 @@ def model_forward_cache(outputs):
     return cache if cache is not None else getattr(outputs, "past_key_values", None)
 
 
+def forward_cache_kwarg(kwargs: dict):
+    """The cache passed to a model's forward (`cache` in newer transformers, `past_key_values` before)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def with_cache(model, cache) -> dict:
+    """Forward kwargs that pass `cache` under the name this transformers version expects."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def cache_length(cache) -> int:
+    """Tokens already in a cache (0 for None or an empty cache)."""
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
 def cache_layer_kv(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(keys, values) [B, H_kv, T, d] stored in a transformers cache for one layer."""
     if hasattr(cache, "layers"):

@@ -82,7 +82,7 @@ class Recorder:
         )
         self.rope_of_layer[str(layer)] = len(self.rope_tables) - 1
 
-    def trace(self, prompt_text: str | None = None) -> Trace:
+    def trace(self, prompt_text: str | None = None, with_versions: bool = True) -> Trace:
         if not self.done_layers:
             raise KvdiagError("nothing was captured: run the model on a prompt inside the capture context")
         layers = sorted(self.done_layers)
@@ -108,26 +108,40 @@ class Recorder:
             meta["input_ids_sha256"] = hashlib.sha256(str(ids).encode()).hexdigest()
         if prompt_text is not None:
             meta["prompt_sha256"] = hashlib.sha256(prompt_text.encode()).hexdigest()
-        from kvdiag.runs import versions
+        if with_versions:
+            from kvdiag.runs import versions
 
-        meta["versions"] = versions()
+            meta["versions"] = versions()
         return Trace(tensors, meta)
+
+    def on_attention(self, layer: int, query, key, value, out) -> None:
+        """Keep what attention saw at a layer (first call per layer only)."""
+        if layer in self.layers and layer not in self.done_layers:
+            self._keep(layer, "q", query)
+            self._keep(layer, "k_post", key)
+            self._keep(layer, "v", value)
+            if self.outputs:
+                self._keep(layer, "attn_out", out.transpose(1, 2))
+            self.done_layers.add(layer)
+
+    def reset(self) -> None:
+        """Forget what was recorded, to record the next prompt."""
+        self.tensors.clear()
+        self.rope_tables.clear()
+        self.rope_of_layer.clear()
+        self.done_layers.clear()
+        self.input_ids = None
 
 
 @contextlib.contextmanager
-def capture(
-    model, layers: str | Sequence[int] | None = "all", outputs: bool = False, store_device: str | None = None
-) -> Iterator[Recorder]:
-    """Record q, k_pre, k_post, v (and attn_out with outputs=True) of `layers` during the next forward.
+def recording_hooks(model, rec: Recorder) -> Iterator[None]:
+    """Install the hooks that give `rec` the pre-RoPE keys, rotary tables and input ids; removed on exit.
 
-    store_device: where captured tensors live (default: the model's device).
+    The post-RoPE q/k/v come from the attention function: call `rec.on_attention` from an
+    `adapter.attention_override` wrapper (as `capture` and `kvdiag.simulate` do).
     """
     attn_modules = adapter.attention_modules(model)
-    chosen = resolve_layers(layers, len(attn_modules))
-    device = store_device or next(model.parameters()).device
-    rec = Recorder(model, chosen, outputs, device)
     handles = []
-
     k_proj_outputs: dict[int, torch.Tensor] = {}
 
     def on_k_proj(layer):
@@ -170,31 +184,38 @@ def capture(
         if rec.input_ids is None and ids is not None:
             rec.input_ids = ids.detach().cpu()
 
-    def record(original, module, query, key, value, attention_mask, **kwargs):
-        out, weights = original(module, query, key, value, attention_mask, **kwargs)
-        layer = module.layer_idx
-        if layer in rec.layers and layer not in rec.done_layers:
-            rec._keep(layer, "q", query)
-            rec._keep(layer, "k_post", key)
-            rec._keep(layer, "v", value)
-            if outputs:
-                rec._keep(layer, "attn_out", out.transpose(1, 2))
-            rec.done_layers.add(layer)
-        return out, weights
-
     try:
         handles.append(model.register_forward_pre_hook(on_model_input, with_kwargs=True))
-        for layer in chosen:
+        for layer in sorted(rec.layers):
             attn = attn_modules[layer]
             handles.append(attn.k_proj.register_forward_hook(on_k_proj(layer)))
             if getattr(attn, "k_norm", None) is not None:
                 handles.append(attn.k_norm.register_forward_hook(on_k_norm(layer)))
             handles.append(attn.register_forward_pre_hook(on_attention_input(layer), with_kwargs=True))
-        with adapter.attention_override(model, record):
-            yield rec
+        yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def capture(
+    model, layers: str | Sequence[int] | None = "all", outputs: bool = False, store_device: str | None = None
+) -> Iterator[Recorder]:
+    """Record q, k_pre, k_post, v (and attn_out with outputs=True) of `layers` during the next forward.
+
+    store_device: where captured tensors live (default: the model's device).
+    """
+    chosen = resolve_layers(layers, len(adapter.attention_modules(model)))
+    rec = Recorder(model, chosen, outputs, store_device or next(model.parameters()).device)
+
+    def record(original, module, query, key, value, attention_mask, **kwargs):
+        out, weights = original(module, query, key, value, attention_mask, **kwargs)
+        rec.on_attention(module.layer_idx, query, key, value, out)
+        return out, weights
+
+    with recording_hooks(model, rec), adapter.attention_override(model, record):
+        yield rec
 
 
 def capture_prompt(
