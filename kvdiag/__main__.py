@@ -1,0 +1,5 @@
+"""`python -m kvdiag` = the `kvdiag` command."""
+
+from kvdiag.cli import main
+
+main()
