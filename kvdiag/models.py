@@ -269,19 +269,28 @@ def _byte_tokenizer():
 
 
 def _tiny_model(entry: TinyModel, dtype):
+    """Build the model from its config and set every weight from a seeded generator ourselves, so
+    the weights are the same on every machine and transformers version (initialisation schemes
+    and RNG use differ between versions): matrices ~ N(0, 0.02²), norm weights at their neutral
+    value (0 for Gemma's 1 + w norms, else 1), biases 0."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     options = {**_TINY_COMMON, **entry.config}
     model_type = options.pop("model_type")
     config = AutoConfig.for_model(model_type, **options)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    finally:
-        torch.random.set_rng_state(state)
-    return model
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    neutral_norm = 0.0 if model_type.startswith("gemma") else 1.0
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+            elif "norm" in name:
+                param.fill_(neutral_norm)
+            else:
+                param.zero_()
+    return model.to(dtype or torch.float32)
 
 
 # --------------------------------------------------------------------------- public API

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 2_000_000
 DEFAULT_BUDGETS = (0.015625, 0.03125, 0.0625)
 DEFAULT_QUERIES = 64
+NO_BUDGETS = "no budgets given; e.g. 0.015625,0.03125 (fractions of the context) or 2048 (tokens)"
 METRICS = ("recall", "recall_gqa", "attention_mass", "err_total", "err_selection", "err_key", "err_oracle",
            "attended_tokens", "fetched_tokens", "fetched_bytes", "resident_bytes_per_token")  # fmt: skip
 
@@ -78,7 +79,7 @@ def default_methods() -> list[str]:
 
 
 def method_label(method: Method) -> str:
-    """"name" or "name:knob=value,..." with the knobs that differ from the registered defaults."""
+    """The method's name, or "name:knob=value,..." with the knobs that differ from the registered defaults."""
     defaults = next(row["knobs"] for row in list_methods() if row["name"] == method.name)
     changed = [f"{k}={v}" for k, v in method.knobs().items() if defaults.get(k) != v]
     return f"{method.name}:{','.join(changed)}" if changed else method.name
@@ -86,7 +87,10 @@ def method_label(method: Method) -> str:
 
 def resolve_methods(methods: Sequence[Method | str] | None) -> list[Method]:
     """Method objects from objects or CLI specs ("shadowkv:rank=320"); None = `default_methods()`."""
-    chosen = [parse_method_spec(m) if isinstance(m, str) else m for m in (methods or default_methods())]
+    chosen = [
+        parse_method_spec(m) if isinstance(m, str) else m
+        for m in (default_methods() if methods is None else methods)
+    ]
     if not chosen:
         raise KvdiagError(f"no methods given; choose from {', '.join(method_names())}")
     for m in chosen:
@@ -110,7 +114,9 @@ def parse_budget(text: str) -> float | int:
         else:
             value = int(raw)
     except ValueError:
-        raise KvdiagError(f"budget {text!r} is not a number; use a fraction like 0.03125, 3.125% or tokens like 2048") from None
+        raise KvdiagError(
+            f"budget {text!r} is not a number; use a fraction like 0.03125, 3.125% or tokens like 2048"
+        ) from None
     check_budget(value)
     return value
 
@@ -205,11 +211,13 @@ def _resident_bytes(method: Method, index, budget_tokens: int) -> float:
 
 
 def layer_metrics(layer: LayerKV, methods: list[Method], budget_tokens: list[int], positions: torch.Tensor,
-                  softcap: float | None = None, chunk_size: int = 64, on_method=None) -> list[dict]:  # fmt: skip
-    """Metric blocks of one layer: one dict per (method index, budget index) of arrays [H_kv, N].
+                  softcap: float | None = None, chunk_size: int = 64, on_progress=None) -> list[dict]:  # fmt: skip
+    """Metric blocks of one layer: one dict per (method, budget), method-major, of arrays [H_kv, N].
 
     layer: the full prompt layer (q required); positions [N] sorted, L0 = positions[0].
+    on_progress(x): called with x = the share of one method's work just done (sums to len(methods)).
     """
+    progress = on_progress or (lambda _x: None)
     n_kv, _, d = layer.k_post.shape
     n_q = layer.q.shape[0]
     n_ctx, length = int(positions[0]), int(positions[-1]) + 1
@@ -223,8 +231,12 @@ def layer_metrics(layer: LayerKV, methods: list[Method], budget_tokens: list[int
         keys = torch.cat([method.keys(index).float(), k_full[:, n_ctx:]], dim=1)  # [H_kv, P, d]
         values = torch.cat([method.values(index).float(), v_full[:, n_ctx:]], dim=1)
         built.append((method, index, keys, values))
+        progress(0.5)
+    n_chunks = -(-len(positions) // chunk_size)
     blocks = {(i, j): [] for i in range(len(methods)) for j in range(len(budget_tokens))}
-    for part, exact_logits in iter_logits(q_full, k_full, positions, layer.scaling, None, softcap, chunk_size):
+    for part, exact_logits in iter_logits(
+        q_full, k_full, positions, layer.scaling, None, softcap, chunk_size
+    ):
         pos = positions[part].to(k_full.device)
         q_step = q_full[:, pos].transpose(0, 1)  # [c, H_q, d] decode queries
         c = pos.numel()
@@ -264,15 +276,16 @@ def layer_metrics(layer: LayerKV, methods: list[Method], budget_tokens: list[int
                     "fetched_tokens": fetched.sum(-1).float(),
                     "fetched_bytes": _fetched_bytes(method, sel, n_kv).T.to(k_full.device),
                 })  # fmt: skip
+            progress(0.5 / n_chunks)
     out = []
     for i, (method, index, _, _) in enumerate(built):
         for j, k in enumerate(budget_tokens):
             block = {name: torch.cat([b[name] for b in blocks[i, j]], dim=1).cpu().numpy()
                      for name in blocks[i, j][0]}  # fmt: skip
-            block["resident_bytes_per_token"] = np.full((n_kv, len(positions)), _resident_bytes(method, index, k) / n_ctx)
+            block["resident_bytes_per_token"] = np.full(
+                (n_kv, len(positions)), _resident_bytes(method, index, k) / n_ctx
+            )
             out.append(block)
-        if on_method is not None:
-            on_method(method)
     return out
 
 
@@ -300,7 +313,7 @@ def recall_table(trace, methods: Sequence[Method | str], budgets, layers=None, q
     labels = [method_label(m) for m in methods]
     budgets = list(budgets)
     if not budgets:
-        raise KvdiagError("no budgets given; e.g. 0.015625,0.03125 (fractions of the context) or 2048 (tokens)")
+        raise KvdiagError(NO_BUDGETS)
     positions = resolve_positions(trace.n_tokens, query_positions, n_queries)
     n_ctx = int(positions[0])
     budget_tokens = [resolve_budget(b, n_ctx) for b in budgets]
@@ -313,7 +326,9 @@ def recall_table(trace, methods: Sequence[Method | str], budgets, layers=None, q
         log.info("layer %d skipped: %s", i, reason)
     used = [i for i in layers if i not in skipped]
     if not used:
-        raise KvdiagError(f"every chosen layer is a sliding-window layer ({skipped}); choose full-attention layers")
+        raise KvdiagError(
+            f"every chosen layer is a sliding-window layer ({skipped}); choose full-attention layers"
+        )
     n_kv = trace.k_post(used[0]).shape[0]
     n_rows = len(methods) * len(budgets) * len(used) * n_kv * len(positions)
     if per_position is None:
@@ -326,7 +341,7 @@ def recall_table(trace, methods: Sequence[Method | str], budgets, layers=None, q
             bar.set_postfix(layer=layer_idx)
             layer = trace.layer_kv(layer_idx, device=device)
             blocks = layer_metrics(layer, methods, budget_tokens, positions, trace.layer_meta(layer_idx).get("softcap"),
-                                   chunk_size, on_method=lambda _m: bar.update())  # fmt: skip
+                                   chunk_size, on_progress=bar.update)  # fmt: skip
             heads = layer.n_kv_heads
             for n, block in enumerate(blocks):
                 i, j = divmod(n, len(budgets))
@@ -380,7 +395,7 @@ def run_recall(model: str, out, methods: Sequence[Method | str] | None = None, b
     methods = resolve_methods(methods)
     budgets = list(budgets)
     if not budgets:
-        raise KvdiagError("no budgets given; e.g. 0.015625,0.03125 (fractions of the context) or 2048 (tokens)")
+        raise KvdiagError(NO_BUDGETS)
     for b in budgets:
         check_budget(b)
     if not isinstance(n_queries, int) or n_queries < 1:
@@ -399,8 +414,8 @@ def run_recall(model: str, out, methods: Sequence[Method | str] | None = None, b
     with staged_run_dir(out) as stage:
         net, tokenizer = load_model(model, device=device, dtype=dtype)
         if task is not None:
-            sample = get_task(task).samples(1, seed=0, tokenizer=tokenizer, target_tokens=max_tokens or 2048)[0]
-            text = sample.prompt_text
+            samples = get_task(task).samples(1, seed=0, tokenizer=tokenizer, target_tokens=max_tokens or 2048)
+            text = samples[0].prompt_text
         chosen = resolve_layers(layers, config_shapes(net.config)["layers"])
         input_ids = tokenize_prompt(tokenizer, text, model=net, chat=chat, max_tokens=max_tokens)
         n_ctx = int(resolve_positions(input_ids.shape[1], None, n_queries)[0])

@@ -141,9 +141,8 @@ def test_first_position_attends_only_to_itself():
 def test_bfloat16_inputs_give_float32_results_close_to_numpy():
     q, k, v = make_inputs(6, 2, 37, 8, seed=2)
     positions = positions_for(37, seed=9)
-    ref = numpy_output(
-        q.bfloat16().float().numpy(), k.bfloat16().float().numpy(), v.bfloat16().float().numpy(), positions, 0.35
-    )
+    rounded = [t.bfloat16().float().numpy() for t in (q, k, v)]
+    ref = numpy_output(*rounded, positions, 0.35)
     out = attention_output(q.bfloat16(), k.bfloat16(), v.bfloat16(), positions, 0.35, chunk_size=4)
     assert out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5)
