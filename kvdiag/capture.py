@@ -63,12 +63,12 @@ class Recorder:
         self.done_layers: set[int] = set()
         self.input_ids: torch.Tensor | None = None
 
-    def _keep(self, layer: int, name: str, tensor: torch.Tensor) -> None:
+    def keep(self, layer: int, name: str, tensor: torch.Tensor) -> None:
         if tensor.shape[0] != 1:
             raise KvdiagError(f"capture needs batch size 1, got {tensor.shape[0]}")
         self.tensors[f"layers.{layer}.{name}"] = tensor[0].detach().to(self.store_device).clone()
 
-    def _keep_rope(self, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    def keep_rope(self, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         for j, (c, s) in enumerate(self.rope_tables):
             if (
                 c.shape == cos[0].shape
@@ -117,11 +117,11 @@ class Recorder:
     def on_attention(self, layer: int, query, key, value, out) -> None:
         """Keep what attention saw at a layer (first call per layer only)."""
         if layer in self.layers and layer not in self.done_layers:
-            self._keep(layer, "q", query)
-            self._keep(layer, "k_post", key)
-            self._keep(layer, "v", value)
+            self.keep(layer, "q", query)
+            self.keep(layer, "k_post", key)
+            self.keep(layer, "v", value)
             if self.outputs:
-                self._keep(layer, "attn_out", out.transpose(1, 2))
+                self.keep(layer, "attn_out", out.transpose(1, 2))
             self.done_layers.add(layer)
 
     def reset(self) -> None:
@@ -150,7 +150,7 @@ def recording_hooks(model, rec: Recorder) -> Iterator[None]:
                 return
             k_proj_outputs[layer] = output
             if getattr(attn_modules[layer], "k_norm", None) is None:
-                rec._keep(
+                rec.keep(
                     layer,
                     "k_pre",
                     adapter.pre_rope_keys_bhld(output, None, None, attn_modules[layer].head_dim),
@@ -164,7 +164,7 @@ def recording_hooks(model, rec: Recorder) -> Iterator[None]:
                 k_pre = adapter.pre_rope_keys_bhld(
                     k_proj_outputs.pop(layer), inputs[0], output, attn_modules[layer].head_dim
                 )
-                rec._keep(layer, "k_pre", k_pre)
+                rec.keep(layer, "k_pre", k_pre)
 
         return hook
 
@@ -175,7 +175,7 @@ def recording_hooks(model, rec: Recorder) -> Iterator[None]:
             cos_sin = kwargs.get("position_embeddings")
             if cos_sin is None and len(args) > 1:
                 cos_sin = args[1]
-            rec._keep_rope(layer, *cos_sin)
+            rec.keep_rope(layer, *cos_sin)
 
         return hook
 

@@ -62,6 +62,20 @@ class SimulationState:
         self.prompt_len = length
         self.budget_tokens = resolve_budget(self.budget, length)
 
+    def load_prompt(self, trace) -> None:
+        """Take the prompt from an existing Trace instead of recording a prefill: the caller then
+        continues from a copy of that prefill's cache (see `kvdiag.fidelity`)."""
+        missing = sorted(self.layers - set(trace.layers))
+        if missing:
+            raise KvdiagError(f"the prompt trace lacks layers {missing}; capture them all")
+        self.reset()
+        rec = self.recorder
+        rec.tensors.update({k: v for k, v in trace.tensors.items() if not k.startswith("rope.")})
+        for layer in self.layers:
+            rec.keep_rope(layer, *(t[None] for t in trace.rope(layer)))
+        rec.done_layers.update(self.layers)
+        self.new_prompt(trace.n_tokens)
+
     def index(self, layer: int):
         """The method's index for `layer`, built from the recorded prompt on first use."""
         if layer not in self.indices:
@@ -134,11 +148,13 @@ def _decode_attention(state: SimulationState, module, query, key, value) -> torc
 
 @contextlib.contextmanager
 def simulate(
-    model, method: Method, budget: float | int, layers: str | Sequence[int] | None = "all"
+    model, method: Method, budget: float | int, layers: str | Sequence[int] | None = "all", prompt_trace=None
 ) -> Iterator[SimulationState]:
     """Run `method` at `budget` (fraction of the prompt or tokens) in `model`'s attention while open.
 
     layers: where the method applies ('all' = every full-attention layer); other layers attend exactly.
+    prompt_trace: a Trace of the prompt (all those layers) whose prefill cache the caller continues
+    from, so that several methods can share one prefill.
     """
     if not isinstance(method, Method):
         raise KvdiagError(
@@ -149,6 +165,8 @@ def simulate(
     device = next(model.parameters()).device
     recorder = Recorder(model, sorted(chosen), outputs=False, store_device=device)
     state = SimulationState(method=method, budget=budget, layers=chosen, recorder=recorder)
+    if prompt_trace is not None:
+        state.load_prompt(prompt_trace)
 
     def attend(original, module, query, key, value, attention_mask, **kwargs):
         if query.shape[0] != 1:

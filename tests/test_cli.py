@@ -91,10 +91,10 @@ def test_plot_redraws_the_figures_byte_stably(run_dir, tmp_path):
     first = kvdiag_cli("plot", copy, env=env)
     assert first.exit_code == 0, first.output
     assert sorted(p.name for p in (copy / "figures").iterdir()) == FIGURES
-    pdfs = {p.name: p.read_bytes() for p in (copy / "figures").glob("*")}
+    drawn = {p.name: p.read_bytes() for p in (copy / "figures").glob("*")}
     second = kvdiag_cli("plot", copy, env=env)
     assert second.exit_code == 0, second.output
-    for name, data in pdfs.items():
+    for name, data in drawn.items():
         assert (copy / "figures" / name).read_bytes() == data, f"{name} changed between two redraws"
 
 
@@ -182,7 +182,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, out_exists, tmp_path):
     if out_exists:
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-    if case == "unknown_model":  # model comes last here so --model tiny-llama is overridden
+    if case == "unknown_model":  # without the helper's --model tiny-llama
         result = kvdiag_cli("spectrum", "--out", out, *args)
     else:
         result = spectrum(out, *(a.replace("{tmp}", str(tmp_path)) for a in args))

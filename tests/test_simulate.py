@@ -96,3 +96,25 @@ def test_bad_inputs(tiny):
         simulate(model, get_method("yakv"), 0.0),
     ):
         _generate(model, ids, 2)
+
+
+def test_teacher_forced_fidelity_is_zero_for_exact_and_positive_for_a_lossy_method(smollm2):
+    from kvdiag.fidelity import teacher_forced_fidelity
+
+    model, tokenizer = smollm2
+    ids = tokenizer(PROMPT * 2, return_tensors="pt").input_ids
+    prompt_ids, answer_ids = ids[:, :-12], ids[:, -12:]
+    table = teacher_forced_fidelity(
+        model, prompt_ids, answer_ids, [(get_method("exact"), 1.0), (get_method("streaming", sinks=1), 4)]
+    )
+    exact, lossy = table[table.method == "exact"], table[table.method == "streaming"]
+    assert len(exact) == 11 and exact.kl.max() < 1e-4 and exact.top1_agree.all()
+    assert lossy.kl.mean() > 1e-2
+    # the method's gold log-probs equal those of an independent one-token-at-a-time decode
+    stepwise = _logits_exact_tail(
+        model, prompt_ids, answer_ids[:, :-1], get_method("streaming", sinks=1), 4, False
+    )
+    reference = torch.log_softmax(stepwise.float(), -1).gather(1, answer_ids[0, 1:, None])[:, 0]
+    torch.testing.assert_close(
+        torch.tensor(lossy.gold_logprob_method.values), reference, rtol=1e-4, atol=1e-4
+    )

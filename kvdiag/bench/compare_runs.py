@@ -33,7 +33,9 @@ def compare(a: Path, b: Path) -> dict:
         "max_energy_abs_diff": merged.energy_abs.max(),
         "rank95_mismatch_share": float((su.rank95_a != su.rank95_b).mean()),
         "max_rank95_abs_diff": int((su.rank95_a - su.rank95_b).abs().max()),
-        "max_effective_rank_rel_diff": float(((su.effective_rank_a - su.effective_rank_b).abs() / su.effective_rank_a).max()),
+        "max_effective_rank_rel_diff": float(
+            ((su.effective_rank_a - su.effective_rank_b).abs() / su.effective_rank_a).max()
+        ),
     }
     for metric in ("topk_recall", "logit_rel_error", "output_rel_error"):
         diff = (dm[f"{metric}_a"] - dm[f"{metric}_b"]).abs()
