@@ -20,11 +20,20 @@ from kvdiag.errors import KvdiagError
 DEFAULT_CHUNK = 256
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, query_positions: torch.Tensor) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, query_positions: torch.Tensor, chunk_size: int) -> None:
     if q.shape[0] % k.shape[0]:
         raise KvdiagError(f"{q.shape[0]} query heads are not a multiple of {k.shape[0]} KV heads")
-    if query_positions.numel() and (query_positions.min() < 0 or query_positions.max() >= k.shape[1]):
-        raise KvdiagError(f"query positions must lie in 0..{k.shape[1] - 1}")
+    if q.shape[-1] != k.shape[-1]:
+        raise KvdiagError(f"query head_dim {q.shape[-1]} differs from key head_dim {k.shape[-1]}")
+    if query_positions.numel() == 0:
+        raise KvdiagError("no query positions given")
+    last = min(k.shape[1], q.shape[1]) - 1
+    if query_positions.min() < 0 or query_positions.max() > last:
+        raise KvdiagError(
+            f"query positions must lie in 0..{last} (queries: {q.shape[1]}, keys: {k.shape[1]})"
+        )
+    if chunk_size < 1:
+        raise KvdiagError(f"chunk_size {chunk_size} must be ≥ 1")
 
 
 def _masked_logits(
@@ -64,7 +73,7 @@ def iter_logits(
     k: [H_kv, L, d] post-RoPE keys.
     """
     query_positions = torch.as_tensor(query_positions, device=k.device).long()
-    _check(q, k, query_positions)
+    _check(q, k, query_positions, chunk_size)
     for start in range(0, query_positions.numel(), chunk_size):
         part = slice(start, start + chunk_size)
         pos = query_positions[part]
@@ -85,8 +94,7 @@ def topk_tokens(
 ) -> torch.Tensor:
     """Indices [H_q, n, top_k] of the keys with the largest exact scores, per query head and position.
 
-    top_k is clipped to the number of visible keys is not attempted: masked keys score −inf and
-    are ranked last, so ask for at most as many as the earliest query can see.
+    Masked keys score −inf and rank last: ask for at most as many as the earliest query can see.
     """
     if top_k < 1 or top_k > k.shape[1]:
         raise KvdiagError(f"top_k {top_k} is outside 1..{k.shape[1]}")

@@ -242,13 +242,29 @@ def ensure_offline_model(name: str) -> Path:
 # --------------------------------------------------------------------------- tiny models
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character map (byte b keeps id b in our vocab)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
 def _byte_tokenizer():
-    """A byte-level tokenizer (256 byte tokens + <bos>, <eos>, <pad>, <unk>), built offline."""
+    """A byte-level tokenizer: byte b is token b; then <bos> 256, <eos> 257, <pad> 258, <unk> 259."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {bytes_char: i for i, bytes_char in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    vocab = {tok: i for i, tok in enumerate(sorted(vocab, key=lambda c: vocab[c]))}
+    vocab = {char: b for b, char in _bytes_to_unicode().items()}
     specials = ["<bos>", "<eos>", "<pad>", "<unk>"]
     for tok in specials:
         vocab[tok] = len(vocab)
@@ -376,7 +392,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "cpu", dtype=None
                 model = AutoModelForCausalLM.from_pretrained(
                     spec, dtype=torch_dtype, attn_implementation=attn_implementation
                 )
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise KvdiagError(f"could not load model {spec!r}: {str(err).splitlines()[0]}") from err
         tokenizer = load_tokenizer(spec)
     else:

@@ -49,15 +49,19 @@ def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def energy_vs_rank(spectrum: pd.DataFrame, title: str = ""):
-    """Cumulative energy vs rank of the joint key matrix, one curve per layer, pre vs post RoPE."""
+def energy_vs_rank(spectrum: pd.DataFrame, title: str = "", channels: int | None = None):
+    """Cumulative energy vs rank of the joint key matrix, one curve per layer, pre vs post RoPE.
+
+    channels: H_kv·d (the summary table's `dim` of kv_head −1); defaults to the number of singular
+    values, which is smaller when the prompt has fewer tokens than channels.
+    """
     import matplotlib.pyplot as plt
 
     joint = spectrum[spectrum.kv_head == -1]
     layers = sorted(joint.layer.unique())
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.95, max(len(layers), 1)))
     fig, axes = plt.subplots(1, 2, sharey=True, figsize=(7.5, 3.4))
-    channels = int(joint["index"].max()) + 1
+    channels = channels or int(joint["index"].max()) + 1
     for ax, stage in zip(axes, STAGE_TITLES):
         for color, layer in zip(colors, layers):
             rows = joint[(joint.stage == stage) & (joint.layer == layer)]
@@ -150,11 +154,12 @@ def plot_spectrum_run(run_dir: str | Path) -> list[Path]:
     title = _title(run_dir)
     out = run_dir / "figures"
     paths = []
+    summary = pd.read_parquet(run_dir / "spectrum_summary.parquet")
+    channels = int(summary.loc[summary.kv_head == -1, "dim"].max())
     with style():
-        paths += save_figure(energy_vs_rank(pd.read_parquet(run_dir / "spectrum.parquet"), title), out,
-                             "energy_vs_rank")  # fmt: skip
-        paths += save_figure(rank_heatmap(pd.read_parquet(run_dir / "spectrum_summary.parquet"), 95, title), out,
-                             "rank95_heatmap")  # fmt: skip
+        spectrum = pd.read_parquet(run_dir / "spectrum.parquet")
+        paths += save_figure(energy_vs_rank(spectrum, title, channels), out, "energy_vs_rank")
+        paths += save_figure(rank_heatmap(summary, 95, title), out, "rank95_heatmap")
         if (run_dir / "lowrank_damage.parquet").exists():
             damage = pd.read_parquet(run_dir / "lowrank_damage.parquet")
             paths += save_figure(lowrank_damage_plot(damage, title), out, "lowrank_damage")

@@ -106,8 +106,8 @@ def write_manifest(out: Path, command: str, config: dict, extra: dict | None = N
 def staged_run_dir(out: str | Path):
     """Yield a staging directory inside `out`; on success its files move into `out`, on any error
     nothing is left behind (and `out` is removed again if this call created it)."""
-    out = Path(out).expanduser()
-    created = not out.exists()
+    out = Path(out).expanduser().absolute()
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     out = prepare_run_dir(out)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
     try:
@@ -119,5 +119,6 @@ def staged_run_dir(out: str | Path):
                 os.replace(path, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        for path in created:  # remove what this call created, if it stayed empty
+            if path.exists() and not any(path.iterdir()):
+                path.rmdir()

@@ -215,12 +215,6 @@ def test_plot_on_a_directory_that_is_not_a_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "notes.txt"]
 
 
-@pytest.mark.xfail(
-    reason="runs.staged_run_dir: prepare_run_dir creates missing parents (mkdir(parents=True)) but on error "
-    "only the leaf --out directory is removed, so --out new/deeper/run leaves new/deeper behind",
-    raises=AssertionError,
-    strict=True,
-)
 def test_failed_run_leaves_no_parent_directories(tmp_path):
     out = tmp_path / "new" / "deeper" / "run"
     check_one_line_error(spectrum(out, "--text", TEXT, "--layers", "99"), "layer index 99 is out of range")

@@ -208,13 +208,6 @@ def test_damage_at_rank_r_matches_numpy_attention(trace):
         assert row.rank_fraction == pytest.approx(r / (h_kv * k.shape[-1]))
 
 
-@pytest.mark.xfail(
-    reason="plots.energy_vs_rank takes the channel count from the number of singular values "
-    "(index.max() + 1 = min(L, H_kv·d)): a prompt shorter than H_kv·d mislabels the axis and misplaces "
-    "the ShadowKV-rank line",
-    raises=AssertionError,
-    strict=True,
-)
 def test_energy_figure_names_the_true_channel_count_for_short_prompts(tiny):
     import matplotlib
 
@@ -225,8 +218,8 @@ def test_energy_figure_names_the_true_channel_count_for_short_prompts(tiny):
 
     model, tokenizer = tiny("tiny-llama")
     short = capture_prompt(model, tokenizer, "short one")  # 10 tokens < H_kv·d = 32 channels
-    spectrum, _ = key_spectrum(short, progress=False)
-    fig = energy_vs_rank(spectrum)
+    spectrum, summary = key_spectrum(short, progress=False)
+    fig = energy_vs_rank(spectrum, channels=int(summary.loc[summary.kv_head == -1, "dim"].max()))
     try:
         ax = fig.axes[0]
         assert "of 32 channels" in ax.get_xlabel(), ax.get_xlabel()
