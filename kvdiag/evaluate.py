@@ -47,7 +47,7 @@ from typing import Any
 import pandas as pd
 
 from kvdiag.errors import KvdiagError, unknown_name_error
-from kvdiag.methods import Method, method_names
+from kvdiag.methods import Method
 from kvdiag.methods.base import resolve_budget
 
 log = logging.getLogger(__name__)
@@ -106,14 +106,14 @@ def _typed(what: str, text: str, default: Any) -> Any:
 
 
 def _resolve_methods(methods) -> list[Method]:
+    """Method objects; `exact` (always run, as plain generation) is dropped, so [] or ["exact"] mean
+    an exact-only run; None = every registered method but exact."""
     from kvdiag.recall import resolve_methods
 
-    if methods is not None and not list(methods):
-        raise KvdiagError(f"the method list is empty; choose from {', '.join(method_names())}")
-    chosen = resolve_methods(methods)
-    if any(m.name == EXACT for m in chosen):
-        raise KvdiagError("'exact' runs in every eval as plain generation; leave it out of --methods")
-    return chosen
+    if methods is None:
+        return resolve_methods(None)
+    kept = [m for m in methods if not (m.strip() == EXACT if isinstance(m, str) else m.name == EXACT)]
+    return resolve_methods(kept) if kept else []
 
 
 def _check_out(out: Path) -> None:
@@ -464,7 +464,8 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str] | None 
     task_obj = get_task(task, **knobs)
     method_objs = _resolve_methods(methods)
     labels = [method_label(m) for m in method_objs]
-    specs = [m if isinstance(m, str) else lab for m, lab in zip(methods or labels, labels)]
+    given = [m for m in methods or labels if (m.strip() if isinstance(m, str) else m.name) != EXACT]
+    specs = [m.strip() if isinstance(m, str) else lab for m, lab in zip(given, labels)]
     budgets = list(budgets)
     if not budgets:
         raise KvdiagError("no budgets given; e.g. 0.03125,0.0625 (fractions of the prompt) or 2048 (tokens)")

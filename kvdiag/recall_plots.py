@@ -40,10 +40,14 @@ def _weighted_mean(table: pd.DataFrame, by: list[str], columns: list[str]) -> pd
     return sums.drop(columns="_w")
 
 
-def focus_budget(table: pd.DataFrame) -> float:
-    """The budget fraction of the run closest to 3.125 % in log scale."""
+def focus_budget(table: pd.DataFrame, fraction: float = FOCUS_FRACTION) -> float:
+    """The budget fraction of the table closest (log scale) to `fraction` (default 3.125 %).
+
+    Tables hold realised fractions (tokens / L0, e.g. 0.031306 for a requested 0.03125), so plots
+    asked for a requested budget use the nearest one.
+    """
     fractions = np.array(sorted(table.budget_fraction.unique()))
-    return float(fractions[np.argmin(np.abs(np.log(fractions / FOCUS_FRACTION)))])
+    return float(fractions[np.argmin(np.abs(np.log(fractions / fraction)))])
 
 
 def _colors(methods: list[str]) -> dict[str, tuple]:
@@ -105,12 +109,13 @@ def recall_vs_budget(table: pd.DataFrame, title: str = ""):
     return fig
 
 
-def recall_heatmap(table: pd.DataFrame, fraction: float, title: str = ""):
-    """Layer × KV-head recall at one budget fraction, one panel per method."""
+def recall_heatmap(table: pd.DataFrame, fraction: float = FOCUS_FRACTION, title: str = ""):
+    """Layer × KV-head recall at the budget nearest `fraction`, one panel per method."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    rows = table[np.isclose(table.budget_fraction, fraction)]
+    fraction = focus_budget(table, fraction)
+    rows = table[table.budget_fraction == fraction]
     grid = _weighted_mean(rows, ["method", "layer", "kv_head"], ["recall"])
     methods = [m for m in _methods(rows) if m != "exact"] or _methods(rows)
     n_layers, n_heads = grid.layer.nunique(), grid.kv_head.nunique()
@@ -135,11 +140,12 @@ def recall_heatmap(table: pd.DataFrame, fraction: float, title: str = ""):
     return fig
 
 
-def error_decomposition(table: pd.DataFrame, fraction: float, title: str = ""):
-    """Selection loss, key loss and total output error per method at one budget fraction."""
+def error_decomposition(table: pd.DataFrame, fraction: float = FOCUS_FRACTION, title: str = ""):
+    """Selection loss, key loss and total output error per method at the budget nearest `fraction`."""
     import matplotlib.pyplot as plt
 
-    rows = table[np.isclose(table.budget_fraction, fraction)]
+    fraction = focus_budget(table, fraction)
+    rows = table[table.budget_fraction == fraction]
     means = _weighted_mean(rows, ["method"], [*ERRORS, "err_oracle"])
     methods = _methods(rows)
     means = means.set_index("method").loc[methods]
