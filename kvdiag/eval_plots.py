@@ -98,7 +98,9 @@ def fidelity_vs_budget(summary: pd.DataFrame, title: str = ""):
     for method in methods:
         rows = rows_all[rows_all.method == method].sort_values("budget_fraction")
         axes[0].plot(rows.budget_fraction, rows.kl_mean, marker="o", ms=3, color=colors[method], label=method)
-        axes[1].plot(rows.budget_fraction, rows.top1_agree, marker="o", ms=3, color=colors[method], label=method)
+        axes[1].plot(
+            rows.budget_fraction, rows.top1_agree, marker="o", ms=3, color=colors[method], label=method
+        )
     fractions = sorted(rows_all.budget_fraction.round(6).unique())
     for ax in axes:
         _percent_ticks(ax, fractions)

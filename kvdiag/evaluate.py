@@ -27,7 +27,8 @@ the task expects it (`gold_answer_text`), once per sample for all its pending me
 agreement 1 by definition.
 
 Bytes: resident_bytes_per_token is the GPU-resident index per prompt token and layer (mean over the
-simulated layers; exact: full bf16 K+V); fetched tokens / bytes are means per decode step and layer.
+simulated layers; exact: full bf16 K+V); fetched_tokens_per_step is per decode step, layer and KV
+head, fetched_bytes_per_step per decode step and layer (all KV heads), as `SimulationState.stats`.
 """
 
 from __future__ import annotations
@@ -376,7 +377,7 @@ def score_table(run_dir_or_table) -> pd.DataFrame:
     summary.insert(4, "score_stderr", summary.pop("score_std") / summary["n"].pow(0.5))
     order = {m: i for i, m in enumerate(dict.fromkeys([EXACT, *table.method]))}
     summary["_o"] = summary.method.map(order)
-    return summary.sort_values(["_o", "budget"]).drop(columns="_o").reset_index(drop=True)
+    return summary.sort_values(["_o", "budget_fraction"]).drop(columns="_o").reset_index(drop=True)
 
 
 # --- the pipeline -----------------------------------------------------------------------------------
@@ -461,6 +462,8 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str] | None 
     knobs = dict(task_knobs or {})
     if data_dir is not None and "data_dir" in get_task(task, **knobs).knobs():
         knobs["data_dir"] = str(data_dir)
+    elif data_dir is not None:
+        log.warning("task %s reads no data; data_dir %s is ignored", task, data_dir)
     task_obj = get_task(task, **knobs)
     method_objs = _resolve_methods(methods)
     labels = [method_label(m) for m in method_objs]
@@ -525,6 +528,7 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str] | None 
     eos = eos_token_ids(net, tokenizer, use_chat)
     extra = {
         "metric": task_obj.metric, "chat_used": use_chat, "eos_token_ids": eos,
+        "data_found": task_obj.data_available(), "data_dir_env": os.environ.get("KVDIAG_DATA_DIR"),
         "first_created": (previous or {}).get("first_created") or (previous or {}).get("created"),
         "methods": [{"label": lab, "spec": spec, "name": m.name, "paper": m.paper, "knobs": m.knobs()}
                     for lab, spec, m in zip(labels, specs, method_objs)],

@@ -36,7 +36,7 @@ from kvdiag.methods import get_method
 from kvdiag.models import load_model
 from kvdiag.plots import style
 from kvdiag.prompts import sample_text
-from kvdiag.recall import recall_table
+from kvdiag.recall import method_label, recall_table
 from kvdiag.recall_plots import error_decomposition, recall_vs_budget
 
 MODEL = "smollm2-135m"
@@ -94,8 +94,8 @@ with style():
 plt.show()
 
 # %%
-at_budget = summary.xs(BUDGET, level="budget_fraction")
-shadow, yakv = at_budget.loc["shadowkv"], at_budget.loc["yakv"]
+at_budget = table[table.budget == BUDGET].groupby("method")[["err_selection", "err_key"]].mean()
+shadow, yakv = at_budget.loc[method_label(methods[1])], at_budget.loc[method_label(methods[2])]
 print(f"ShadowKV: selection loss {shadow.err_selection:.3f}, key loss {shadow.err_key:.3f}")
 print(f"YAKV:     selection loss {yakv.err_selection:.3f}, key loss {yakv.err_key:.3f}")
 

@@ -32,6 +32,16 @@ COLUMNS = [
 KV_BYTES = 2 * 16 * 2 * 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads can be 40x
+    slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def lines(path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
@@ -53,9 +63,15 @@ def test_a_run_writes_predictions_table_manifest_and_figures(full_run, tiny):
     table = pd.read_parquet(out / "results.parquet")
     assert list(table.columns) == COLUMNS
     for row in table.itertuples():
-        assert row.budget_tokens == (row.prompt_tokens if row.method == "exact" else math.ceil(row.budget * row.prompt_tokens))
-        expected_bytes = {"exact": KV_BYTES, "oracle": KV_BYTES / 2}.get(row.method, KV_BYTES * row.budget_tokens / row.prompt_tokens)
-        assert row.resident_bytes_per_token == pytest.approx(expected_bytes)  # streaming keeps K+V of its window
+        assert row.budget_tokens == (
+            row.prompt_tokens if row.method == "exact" else math.ceil(row.budget * row.prompt_tokens)
+        )
+        expected_bytes = {"exact": KV_BYTES, "oracle": KV_BYTES / 2}.get(
+            row.method, KV_BYTES * row.budget_tokens / row.prompt_tokens
+        )
+        assert row.resident_bytes_per_token == pytest.approx(
+            expected_bytes
+        )  # streaming keeps K+V of its window
         assert row.hit_cap == (row.tokens_generated == 8)  # random weights never pick <eos> here
         assert 0 <= row.score <= 100
         if row.method != "exact":
@@ -69,12 +85,16 @@ def test_a_run_writes_predictions_table_manifest_and_figures(full_run, tiny):
     assert manifest["config"]["methods"] == ["oracle", "streaming:sinks=2"]
     assert manifest["methods"][1]["knobs"] == {"sinks": 2} and manifest["chat_used"] is True
     assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(
-        f"{f}.{e}" for f in ("score_vs_budget", "score_vs_bytes", "fidelity_vs_budget") for e in ("png", "pdf")
+        f"{f}.{e}"
+        for f in ("score_vs_budget", "score_vs_bytes", "fidelity_vs_budget")
+        for e in ("png", "pdf")
     )
     summary = score_table(out)
     assert list(summary.method) == ["exact", "oracle", "oracle", "streaming:sinks=2", "streaming:sinks=2"]
     assert (summary.n == 2).all()
-    assert summary.score_mean.tolist() == pytest.approx(table.groupby(["method", "budget"]).score.mean().tolist())
+    assert summary.score_mean.tolist() == pytest.approx(
+        table.groupby(["method", "budget"]).score.mean().tolist()
+    )
 
     # exact is greedy decoding: the same tokens as a hand-written argmax loop without a cache
     model, tokenizer = tiny("tiny-llama")
@@ -106,13 +126,17 @@ def test_a_rerun_skips_every_finished_cell(full_run, monkeypatch):
     out, first = full_run
     before = (out / "predictions.jsonl").read_bytes()
     calls = count_generations(monkeypatch)
-    again = run_eval(**TINY, out=out, methods=["oracle", "streaming:sinks=2"], budgets=[0.0625, 0.25], figures=False)
+    again = run_eval(
+        **TINY, out=out, methods=["oracle", "streaming:sinks=2"], budgets=[0.0625, 0.25], figures=False
+    )
     assert calls == [] and again["new_cells"] == 0 and again["cells"] == first["cells"]
     assert (out / "predictions.jsonl").read_bytes() == before
 
 
 def test_an_interrupted_run_keeps_finished_cells_and_completes(tmp_path, monkeypatch):
-    args = dict(**TINY, out=tmp_path / "run", methods=["oracle"], budgets=[0.25], fidelity=False, figures=False)
+    args = dict(
+        **TINY, out=tmp_path / "run", methods=["oracle"], budgets=[0.25], fidelity=False, figures=False
+    )
     count_generations(monkeypatch, fail_on=3)
     with pytest.raises(KeyboardInterrupt):
         run_eval(**args)
@@ -129,10 +153,12 @@ def test_oracle_at_full_budget_predicts_what_exact_predicts(tmp_path):
     run_eval(**TINY, out=tmp_path / "run", methods=["oracle"], budgets=[1.0], figures=False)
     table = pd.read_parquet(tmp_path / "run" / "results.parquet")
     rows = lines(tmp_path / "run" / "predictions.jsonl")
-    by_method = {m: {r["sample_id"]: r["prediction"] for r in rows if r["method"] == m} for m in ("exact", "oracle")}
+    by_method = {
+        m: {r["sample_id"]: r["prediction"] for r in rows if r["method"] == m} for m in ("exact", "oracle")
+    }
     assert by_method["oracle"] == by_method["exact"] and len(by_method["exact"]) == 2
     oracle = table[table.method == "oracle"]
-    assert (oracle.kl_mean < 1e-8).all() and (oracle.top1_agree == 1).all()
+    assert (oracle.kl_mean < 1e-6).all() and (oracle.top1_agree == 1).all()
 
 
 def test_resuming_with_another_config_names_the_differing_keys(tmp_path):
@@ -180,7 +206,9 @@ def test_a_data_dir_one_level_too_deep_gets_a_hint(tmp_path):
     (tmp_path / "longproc_html_to_tsv").mkdir()
     (tmp_path / "longproc_html_to_tsv" / "html_to_tsv_0.5k.json").write_text("[]")
     with pytest.raises(KvdiagError, match=f"it is under {tmp_path}"):
-        run_eval(**{**TINY, "task": "html2tsv"}, out=tmp_path / "run", data_dir=tmp_path / "longproc_html_to_tsv")
+        run_eval(
+            **{**TINY, "task": "html2tsv"}, out=tmp_path / "run", data_dir=tmp_path / "longproc_html_to_tsv"
+        )
 
 
 @pytest.mark.parametrize(
@@ -198,7 +226,10 @@ def test_task_knobs_from_the_command_line_take_their_defaults_types():
     assert parse_task_knobs("multineedle", ["depths=0,50,100", "case_sensitive=true"]) == {
         "depths": [0.0, 50.0, 100.0], "case_sensitive": True
     }  # fmt: skip
-    assert parse_task_knobs("text2json", ["n_entities=4", "domain=movies"]) == {"n_entities": 4, "domain": "movies"}
+    assert parse_task_knobs("text2json", ["n_entities=4", "domain=movies"]) == {
+        "n_entities": 4,
+        "domain": "movies",
+    }
     with pytest.raises(KvdiagError, match="expected int"):
         parse_task_knobs("text2json", ["n_entities=four"])
 
@@ -214,7 +245,9 @@ def test_cli_eval_and_tasks(tmp_path):
                                         "--task-knob", "depth=10", "--out", str(tmp_path / "ok")], env=env)  # fmt: skip
     assert ok.exit_code == 0, ok.output
     assert "1 cells (1 run now)" in ok.output
-    assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["config"]["task_knobs"]["depth"] == 10.0
+    assert (
+        json.loads((tmp_path / "ok" / "manifest.json").read_text())["config"]["task_knobs"]["depth"] == 10.0
+    )
     listing = runner.invoke(kvdiag.cli.app, ["tasks"], env=env)
     assert listing.exit_code == 0
     for name in ("text2json", "needle", "multineedle", "html2tsv", "n_entities=10"):

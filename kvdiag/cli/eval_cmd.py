@@ -34,12 +34,16 @@ def register(app: typer.Typer) -> None:
     @app.command("eval", epilog=EXAMPLES)
     @friendly_errors
     def eval_(
-        out: Path = typer.Option(..., "--out", help="run directory (resumed when it holds this eval already)"),
+        out: Path = typer.Option(
+            ..., "--out", help="run directory (resumed when it holds this eval already)"
+        ),
         task: str = typer.Option(..., "--task", help="a task of `kvdiag tasks`, e.g. text2json"),
         model: str = typer.Option(
             "smollm2-135m", "--model", help="registered name, HF id, local dir or .gguf"
         ),
-        task_knob: list[str] = typer.Option(None, "--task-knob", help="knob=value of the task; may be repeated"),
+        task_knob: list[str] = typer.Option(
+            None, "--task-knob", help="knob=value of the task; may be repeated"
+        ),
         methods: str = typer.Option(
             None, "--methods", help="';'-separated method specs (default: all registered methods)"
         ),
@@ -70,17 +74,24 @@ def register(app: typer.Typer) -> None:
 
         matplotlib.use("Agg")
         from kvdiag.cli.recall_cmd import split_specs
-        from kvdiag.evaluate import parse_task_knobs, run_eval, score_table
+        from kvdiag.evaluate import parse_task_knobs, run_eval
         from kvdiag.recall import parse_budget
 
         specs = split_specs(methods, method)
         budget_list = [parse_budget(b) for b in budgets.split(",") if b.strip()]
-        result = run_eval(
-            model, task, out, methods=specs, budgets=budget_list, task_knobs=parse_task_knobs(task, task_knob or []),
-            n=n, target_tokens=target_tokens, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
-            data_dir=data_dir, device=device, dtype=dtype, fidelity=not no_fidelity,
-        )  # fmt: skip
-        summary = score_table(result["table"].parent)
+        try:
+            result = run_eval(
+                model, task, out, methods=specs, budgets=budget_list, task_knobs=parse_task_knobs(task, task_knob or []),
+                n=n, target_tokens=target_tokens, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
+                data_dir=data_dir, device=device, dtype=dtype, fidelity=not no_fidelity,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            typer.echo(
+                f"finished cells are kept in {out / 'predictions.jsonl'}; run the same command to resume",
+                err=True,
+            )
+            raise
+        summary = result["scores"]
         columns = ["method", "budget", "n", "score_mean", "score_stderr", "kl_mean", "hit_cap_rate"]
         typer.echo(summary[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
         typer.echo(

@@ -30,7 +30,11 @@ def register(app: typer.Typer) -> None:
         for row in rows:
             typer.echo(f"{row['name']}: {row['description']}")
             found = "found" if row["data_found"] else "not found"
-            typer.echo(f"    metric: {row['metric']} (0-100, higher is better, {row['aggregation']} over samples)")
+            typer.echo(
+                f"    metric: {row['metric']} (0-100, higher is better, {row['aggregation']} over samples)"
+            )
             typer.echo(f"    data: {found}")
-            knobs = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in row["knobs"].items())
+            knobs = ", ".join(
+                f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in row["knobs"].items()
+            )
             typer.echo(f"    knobs: {knobs or '(none)'}")
