@@ -134,14 +134,17 @@ def lowrank_damage_plot(damage: pd.DataFrame, title: str = ""):
     return fig
 
 
-def _title(run_dir: Path) -> str:
+def run_config(run_dir: Path) -> dict:
+    """The `config` of a run directory's manifest ({} when there is none), for figure titles."""
     import json
 
-    manifest = run_dir / "manifest.json"
-    if not manifest.exists():
-        return ""
-    config = json.loads(manifest.read_text()).get("config", {})
-    return f"{config.get('model', '')}, {config.get('n_tokens', '?')} tokens"
+    manifest = Path(run_dir) / "manifest.json"
+    return json.loads(manifest.read_text()).get("config", {}) if manifest.exists() else {}
+
+
+def _title(run_dir: Path) -> str:
+    config = run_config(run_dir)
+    return f"{config.get('model', '')}, {config.get('n_tokens', '?')} tokens" if config else ""
 
 
 def plot_spectrum_run(run_dir: str | Path) -> list[Path]:

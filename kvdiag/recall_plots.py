@@ -15,14 +15,13 @@ was aggregated over positions).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from kvdiag.errors import KvdiagError
-from kvdiag.plots import save_figure, style
+from kvdiag.plots import run_config, save_figure, style
 
 FOCUS_FRACTION = 0.03125
 ERRORS = {"err_selection": "selection loss", "err_key": "key loss", "err_total": "total"}
@@ -200,11 +199,8 @@ def accuracy_vs_bytes(table: pd.DataFrame, title: str = ""):
 
 
 def _title(run_dir: Path) -> str:
-    manifest = run_dir / "manifest.json"
-    if not manifest.exists():
-        return ""
-    config = json.loads(manifest.read_text()).get("config", {})
-    return f"{config.get('model', '')}, L0 = {config.get('n_context', '?')} tokens"
+    config = run_config(run_dir)
+    return f"{config.get('model', '')}, L0 = {config.get('n_context', '?')} tokens" if config else ""
 
 
 def plot_recall_run(run_dir: str | Path) -> list[Path]:
