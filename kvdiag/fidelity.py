@@ -34,7 +34,8 @@ def _continue(model, cache, answer_inputs: torch.Tensor) -> torch.Tensor:
 def teacher_forced_fidelity(
     model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, runs: list[tuple[Method, float | int]]
 ) -> pd.DataFrame:
-    """One row per (method, budget, answer token j ≥ 1). prompt_ids [1, L], answer_ids [1, A ≥ 2]."""
+    """One row per (method, budget, answer token j ≥ 1); `method` is the method's label (its spec
+    with non-default knobs). prompt_ids [1, L], answer_ids [1, A ≥ 2]."""
     if answer_ids.shape[-1] < 2:
         raise KvdiagError("teacher forcing needs a gold answer of at least 2 tokens")
     device = next(model.parameters()).device
@@ -51,7 +52,7 @@ def teacher_forced_fidelity(
                 approx = _continue(model, cache, answer_inputs)
             kl = (exact.exp() * (exact - approx)).sum(-1).clamp_min(0)
             frame = pd.DataFrame({
-                "method": method.name, "budget": budget, "budget_tokens": sim.budget_tokens,
+                "method": method.label(), "budget": budget, "budget_tokens": sim.budget_tokens,
                 "position": range(1, answer_ids.shape[1]), "kl": kl.cpu().numpy(),
                 "top1_agree": (exact.argmax(-1) == approx.argmax(-1)).cpu().numpy(),
                 "gold_logprob_exact": exact.gather(1, targets[:, None])[:, 0].cpu().numpy(),

@@ -45,7 +45,6 @@ applied as the model does. All computations are float32.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,7 +56,7 @@ from tqdm.auto import tqdm
 
 from kvdiag.attention import iter_logits
 from kvdiag.errors import KvdiagError
-from kvdiag.methods import Method, get_method, list_methods, method_names, parse_method_spec
+from kvdiag.methods import Method, get_method, method_names, parse_method_spec
 from kvdiag.methods.base import LayerKV, resolve_budget
 
 log = logging.getLogger(__name__)
@@ -79,10 +78,8 @@ def default_methods() -> list[str]:
 
 
 def method_label(method: Method) -> str:
-    """The method's name, or "name:knob=value,..." with the knobs that differ from the registered defaults."""
-    defaults = next(row["knobs"] for row in list_methods() if row["name"] == method.name)
-    changed = [f"{k}={v}" for k, v in method.knobs().items() if defaults.get(k) != v]
-    return f"{method.name}:{','.join(changed)}" if changed else method.name
+    """The method's name, or "name:knob=value,..." with the knobs that differ from its defaults."""
+    return method.label()
 
 
 def resolve_methods(methods: Sequence[Method | str] | None) -> list[Method]:
@@ -204,12 +201,6 @@ def _fetched_bytes(method: Method, selection, n_kv: int) -> torch.Tensor:
     return out
 
 
-def _resident_bytes(method: Method, index, budget_tokens: int) -> float:
-    if "budget" in inspect.signature(method.resident_bytes).parameters:  # e.g. streaming: depends on it
-        return float(method.resident_bytes(index, budget=budget_tokens))
-    return float(method.resident_bytes(index))
-
-
 def layer_metrics(layer: LayerKV, methods: list[Method], budget_tokens: list[int], positions: torch.Tensor,
                   softcap: float | None = None, chunk_size: int = 64, on_progress=None) -> list[dict]:  # fmt: skip
     """Metric blocks of one layer: one dict per (method, budget), method-major, of arrays [H_kv, N].
@@ -283,7 +274,7 @@ def layer_metrics(layer: LayerKV, methods: list[Method], budget_tokens: list[int
             block = {name: torch.cat([b[name] for b in blocks[i, j]], dim=1).cpu().numpy()
                      for name in blocks[i, j][0]}  # fmt: skip
             block["resident_bytes_per_token"] = np.full(
-                (n_kv, len(positions)), _resident_bytes(method, index, k) / n_ctx
+                (n_kv, len(positions)), method.resident_bytes_at(index, k) / n_ctx
             )
             out.append(block)
     return out

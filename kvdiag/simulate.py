@@ -83,7 +83,7 @@ class SimulationState:
             index = self.method.build(trace.layer_kv(layer))
             self.indices[layer] = index
             self.seen_kv[layer] = (self.method.keys(index).float(), self.method.values(index).float())
-            self.resident[layer] = int(self.method.resident_bytes(index))
+            self.resident[layer] = int(self.method.resident_bytes_at(index, self.budget_tokens))
         return self.indices[layer]
 
     def stats(self) -> dict:

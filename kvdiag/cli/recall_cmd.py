@@ -14,8 +14,8 @@ Method specs are "name" or "name:knob=value,knob=value"; several specs are separ
 ','; "0.03125" or "3.125%" is a fraction of the context L0 (the prompt before the first query), a
 whole number such as "2048" is a token count ("1.0" is the whole context, "1" one token).
 
+\b
 Examples:
-
   kvdiag recall --out runs/recall                                   # smollm2-135m, all methods but exact
   kvdiag recall --methods 'oracle;shadowkv;yakv' --budgets 0.015625,0.03125,2048 --out runs/r1
   kvdiag recall --method oracle --method 'shadowkv:rank=320,chunk=8' --layers 0,10,20 --out runs/r2

@@ -9,8 +9,8 @@ import typer
 from kvdiag.cli import friendly_errors
 
 EXAMPLES = """
+\b
 Examples:
-
   kvdiag spectrum --out runs/smol                      # default model, built-in sample text
   kvdiag spectrum --model qwen2.5-coder-0.5b --prompt-file doc.txt --layers 0,6,12 --out runs/qwen
   kvdiag spectrum --model meta-llama/Llama-3.1-8B-Instruct --device cuda --max-tokens 32768 --out runs/llama

@@ -14,8 +14,9 @@ h // G), L prompt tokens, d head dim, n independent decode queries.
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -125,3 +126,22 @@ class Method:
 
     def knobs(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def label(self) -> str:
+        """The name, or "name:knob=value,..." with the knobs that differ from the defaults (a spec
+        that `kvdiag.methods.parse_method_spec` reads back)."""
+        changed = []
+        for f in fields(self):
+            default = f.default if f.default is not MISSING else (
+                f.default_factory() if f.default_factory is not MISSING else MISSING
+            )  # fmt: skip
+            if f.init and getattr(self, f.name) != default:
+                changed.append(f"{f.name}={getattr(self, f.name)}")
+        return f"{self.name}:{','.join(changed)}" if changed else self.name
+
+    def resident_bytes_at(self, index, budget_tokens: int) -> float:
+        """GPU-resident bytes of the layer's index when decoding at `budget_tokens` (methods whose
+        resident set depends on the budget, like StreamingLLM's window, take it as `budget`)."""
+        if "budget" in inspect.signature(self.resident_bytes).parameters:
+            return float(self.resident_bytes(index, budget=budget_tokens))
+        return float(self.resident_bytes(index))
