@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from kvdiag.errors import KvdiagError
-from kvdiag.evaluate import EXACT, RESULTS, score_table
+from kvdiag.eval_store import EXACT, RESULTS, score_table
 from kvdiag.plots import save_figure, style
 from kvdiag.recall_plots import _colors, _percent_ticks
 

@@ -2,37 +2,52 @@
 offloading method × budget in the simulator, score them, and keep everything resumable.
 
     from kvdiag.evaluate import run_eval, score_table
-    run_eval("qwen2.5-coder-0.5b", "text2json", "runs/t2j", methods=["oracle", "shadowkv:rank=320"],
+    run_eval("qwen2.5-coder-0.5b", "text2json", "runs/t2j",
+             methods=["oracle", "shadowkv:rank=320", "shadowkv@15.625%", "yakv@0.03125"],
              budgets=[0.03125, 0.0625], n=3, target_tokens=1500, max_new_tokens=256,
              task_knobs={"n_entities": 4})
     score_table("runs/t2j")        # mean score ± stderr per method × budget
 
-A *cell* is one (sample, method, budget); the reference `exact` (plain `model.generate`, no
-simulator) is one cell per sample with budget 1.0. Decoding is pure greedy (`do_sample=False`, one
-beam, repetition penalties of the model's generation config overridden to none), batch size 1, at
-most `max_new_tokens`; it stops at the tokenizer's / generation config's EOS and, with a chat template,
-at the template's end-of-turn token.
+Methods are specs ("name" or "name:knob=value,..."), `Method` objects, or either paired with its own
+budget: "spec@budget" (budget as in `kvdiag.recall.parse_budget`: "0.015625", "1.5625%", "2048") or
+a (method, budget) tuple. A method with its own budget runs only at it; the others run at every value
+of `budgets`. A *cell* is one (sample, method label, budget); the reference `exact` is one cell per
+sample with budget 1.0. Decoding is pure greedy (`do_sample=False`, one beam, repetition penalties of
+the model's generation config overridden to none), batch size 1, at most `max_new_tokens`; it stops at
+the tokenizer's / generation config's EOS and, with a chat template, at the template's end-of-turn
+token.
 
-Run directory:
-- predictions.jsonl: one line per finished cell, appended (flush + fsync) as soon as it finishes, so an
-  interrupted run loses nothing written. A re-run with the same `out` skips the cells already there;
-  a run whose config differs from `manifest.json`'s is refused, naming the differing keys;
-- results.parquet: the tidy table rebuilt from predictions.jsonl at the end (columns `RESULT_COLUMNS`,
-  plus `metric_*` for tasks with several metrics);
-- manifest.json: config, each method's knobs, versions, seed; figures/ (see `kvdiag.eval_plots`).
+One exact prefill per sample is shared by all its cells (`prefill_prompt`): prompt[:-1] (L − 1 tokens)
+is prefilled once and recorded (`kvdiag.capture`), and each cell generates from a deep copy of that
+cache, feeding the whole prompt to `generate` so that the last prompt token is its first step. Under
+the simulator (`simulate(..., prompt_trace=trace)`) that last prompt token is therefore a decode-step
+query: the method's index covers the first L − 1 prompt tokens, the method already applies to the
+query that produces the first generated token, and the last prompt token itself is attended exactly
+(like a generated token). A budget fraction b means ceil(b·L) tokens of the L-token prompt (at most
+L − 1, all the indexed ones). The exact cells take the same path without the simulator: the same
+tokens as plain `model.generate` (tests/test_reproduce.py checks it).
+
+Run directory (`kvdiag.eval_store`): predictions.jsonl (one line per finished cell, appended at once,
+so an interrupted run loses nothing written; a re-run with the same `out` skips the cells already
+there, and a run whose config differs from `manifest.json`'s is refused, naming the differing keys),
+results.parquet (the tidy table, columns `RESULT_COLUMNS`, plus `metric_*` for tasks with several
+metrics), manifest.json (config, each method's knobs and budgets, versions, seed) and figures/ (see
+`kvdiag.eval_plots`).
 
 Fidelity (`kvdiag.fidelity.teacher_forced_fidelity`) teacher-forces the gold answer, serialised as
-the task expects it (`gold_answer_text`), once per sample for all its pending method cells: mean KL
-(exact ‖ method) in nats and top-1 agreement over the answer tokens. The exact rows have KL 0 and
-agreement 1 by definition.
+the task expects it (`gold_answer_text`), once per sample for all its pending method cells (its own
+exact prefill of the whole prompt): mean KL (exact ‖ method) in nats and top-1 agreement over the
+answer tokens. The exact rows have KL 0 and agreement 1 by definition.
 
-Bytes: resident_bytes_per_token is the GPU-resident index per prompt token and layer (mean over the
-simulated layers; exact: full bf16 K+V); fetched_tokens_per_step is per decode step, layer and KV
-head, fetched_bytes_per_step per decode step and layer (all KV heads), as `SimulationState.stats`.
+Bytes: resident_bytes_per_token is the GPU-resident index per indexed prompt token (L − 1 with the
+shared prefill) and layer, mean over the simulated layers (exact: full bf16 K+V);
+fetched_tokens_per_step is per decode step, layer and KV head, fetched_bytes_per_step per decode
+step and layer (all KV heads), as `SimulationState.stats`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -45,25 +60,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from kvdiag.errors import KvdiagError, unknown_name_error
+from kvdiag.eval_store import (  # noqa: F401  (re-exported: the harness's public names)
+    EXACT,
+    PREDICTIONS,
+    RESULT_COLUMNS,
+    RESULTS,
+    append_row,
+    cell_key,
+    check_out,
+    check_resume,
+    read_predictions,
+    results_table,
+    score_table,
+)
 from kvdiag.methods import Method
 from kvdiag.methods.base import resolve_budget
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS = "predictions.jsonl"
-RESULTS = "results.parquet"
 DEFAULT_BUDGETS = (0.03125, 0.0625)
-EXACT = "exact"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
-RESULT_COLUMNS = [
-    "sample_id", "task", "method", "method_spec", "budget", "budget_tokens", "budget_fraction",
-    "prompt_tokens", "n_facts", "score", "kl_mean", "top1_agree", "gold_logprob_exact",
-    "gold_logprob_method", "answer_tokens", "resident_bytes_per_token", "fetched_tokens_per_step",
-    "fetched_bytes_per_step", "decode_steps", "tokens_generated", "hit_cap", "wall_s",
-]  # fmt: skip
 
 
 # --- inputs -----------------------------------------------------------------------------------------
@@ -106,30 +123,71 @@ def _typed(what: str, text: str, default: Any) -> Any:
     return None if default is None and text.lower() == "none" else text
 
 
-def _resolve_methods(methods) -> list[Method]:
-    """Method objects; `exact` (always run, as plain generation) is dropped, so [] or ["exact"] mean
-    an exact-only run; None = every registered method but exact."""
-    from kvdiag.recall import resolve_methods
+@dataclasses.dataclass
+class MethodRun:
+    """One method of an eval run and the budgets it runs at (its own, or the run's `budgets`)."""
 
-    if methods is None:
-        return resolve_methods(None)
-    kept = [m for m in methods if not (m.strip() == EXACT if isinstance(m, str) else m.name == EXACT)]
-    return resolve_methods(kept) if kept else []
+    method: Method
+    label: str  # cells and tables name the method by it
+    spec: str  # as given, without "@budget"
+    budgets: list  # fractions of the prompt or token counts
+    pinned: bool  # True: the budgets came with the method ("spec@budget" or a (method, budget) pair)
+
+    def config(self) -> list[str]:
+        """How the run's config names it: "label" (run's budgets) or "label@budget" per own budget."""
+        return [f"{self.label}@{b!r}" for b in self.budgets] if self.pinned else [self.label]
 
 
-def _check_out(out: Path) -> None:
-    """`out` must be (or be creatable as) a writable directory; nothing is created here."""
-    probe_dir = out
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise KvdiagError(f"--out {out} is not a writable directory ({probe_dir} is a file)")
-    try:
-        probe = probe_dir / f".kvdiag-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise KvdiagError(f"--out {out} is not a writable directory ({err.strerror})") from err
+def split_method_budget(item) -> tuple[Method | str, float | int | None]:
+    """"spec@budget" / (method, budget) / spec / Method -> (spec or Method, budget or None)."""
+    from kvdiag.recall import parse_budget
+
+    if isinstance(item, tuple):
+        if len(item) != 2:
+            raise KvdiagError(f"a (method, budget) pair has two items, got {item!r}")
+        method, budget = item
+        return method, parse_budget(budget) if isinstance(budget, str) else budget
+    if isinstance(item, str) and "@" in item:
+        spec, _, budget = item.rpartition("@")
+        return spec.strip(), parse_budget(budget)
+    return item, None
+
+
+def resolve_runs(methods, budgets: Sequence[float | int]) -> list[MethodRun]:
+    """MethodRuns from specs / Methods / pairs (see the module docstring). `exact` entries are dropped
+    (exact always runs, as plain generation), so [] or ["exact"] mean an exact-only run; None = every
+    registered method but exact, each at every budget. A method may appear several times with its own
+    budgets; the same (label, budget) twice is an error."""
+    from kvdiag.methods import parse_method_spec
+    from kvdiag.recall import check_budget, default_methods, method_label
+
+    runs: dict[str, MethodRun] = {}
+    for item in default_methods() if methods is None else methods:
+        given, budget = split_method_budget(item)
+        name = given.strip().partition(":")[0].strip() if isinstance(given, str) else getattr(given, "name", None)
+        if name == EXACT:
+            continue
+        method = parse_method_spec(given) if isinstance(given, str) else given
+        if not isinstance(method, Method):
+            raise KvdiagError(f"{given!r} is not a kvdiag Method or a method spec")
+        label = method_label(method)
+        own = [budget] if budget is not None else list(budgets)
+        for b in own:
+            check_budget(b)
+        run = runs.get(label)
+        if run is None:
+            spec = given.strip() if isinstance(given, str) else label
+            runs[label] = MethodRun(method, label, spec, [], budget is not None)
+            run = runs[label]
+        elif run.pinned != (budget is not None):
+            raise KvdiagError(f"method {label} is given both with and without its own budget")
+        twice = [b for b in own if repr(b) in {repr(x) for x in run.budgets}]
+        if twice:
+            raise KvdiagError(f"method {label} at budget {twice[0]!r} is given twice")
+        run.budgets.extend(own)
+    if any(not r.pinned for r in runs.values()) and not list(budgets):
+        raise KvdiagError("no budgets given; e.g. 0.03125,0.0625 (fractions of the prompt) or 2048 (tokens)")
+    return list(runs.values())
 
 
 def _context_length(model: str) -> int | None:
@@ -216,13 +274,42 @@ def eos_token_ids(model, tokenizer, chat: bool) -> list[int]:
     return sorted(ids)
 
 
-def generate_cell(model, input_ids, method: Method | None, budget, max_new_tokens: int, eos: list[int]):
-    """Greedy generation for one cell: plain `generate` (method None) or inside the simulator.
+@dataclasses.dataclass
+class SharedPrefill:
+    """One exact prefill of prompt[:-1] shared by all cells of a sample (see the module docstring)."""
+
+    trace: Any  # kvdiag.trace.Trace of the L - 1 prefilled tokens, every layer
+    cache: Any  # the transformers cache after them; each cell continues from a deep copy
+
+    @property
+    def n_tokens(self) -> int:
+        return self.trace.n_tokens
+
+
+def prefill_prompt(model, input_ids) -> SharedPrefill:
+    """Prefill input_ids[:, :-1] [1, L - 1] once, exactly, recording every layer."""
+    import torch
+
+    from kvdiag import adapter
+    from kvdiag.capture import capture
+
+    if input_ids.shape[1] < 2:
+        raise KvdiagError("a shared prefill needs a prompt of at least 2 tokens")
+    with torch.inference_mode(), capture(model, "all") as rec:
+        out = model(input_ids=input_ids[:, :-1], use_cache=True)
+    return SharedPrefill(rec.trace(with_versions=False), adapter.model_forward_cache(out))
+
+
+def generate_cell(model, input_ids, method: Method | None, budget, max_new_tokens: int, eos: list[int],
+                  prefill: SharedPrefill | None = None):  # fmt: skip
+    """Greedy generation for one cell: exact (method None) or inside the simulator; from a copy of
+    `prefill` (input_ids[:, :-1] already in its cache) or, without it, from scratch.
 
     Returns (new token ids [T], simulator stats dict or None, the SimulationState or None).
     """
     import torch
 
+    from kvdiag import adapter
     from kvdiag.simulate import simulate
 
     kwargs = dict(
@@ -230,11 +317,17 @@ def generate_cell(model, input_ids, method: Method | None, budget, max_new_token
         num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos,
         pad_token_id=eos[0] if eos else None,
     )  # fmt: skip
+    trace = None
+    if prefill is not None:
+        kwargs.update(adapter.with_cache(model, copy.deepcopy(prefill.cache)))
+        trace = prefill.trace
+        if method is not None:  # ceil(b·L) of the L-token prompt, at most the L - 1 indexed tokens
+            budget = min(resolve_budget(budget, input_ids.shape[1]), prefill.n_tokens)
     with torch.inference_mode():
         if method is None:
             out = model.generate(input_ids, **kwargs)
             return out[0, input_ids.shape[1] :], None, None
-        with simulate(model, method, budget) as sim:
+        with simulate(model, method, budget, prompt_trace=trace) as sim:
             out = model.generate(input_ids, **kwargs)
         return out[0, input_ids.shape[1] :], sim.stats(), sim
 
@@ -284,108 +377,12 @@ def _no_fidelity(answer_tokens=None) -> dict:
             "answer_tokens": answer_tokens}  # fmt: skip
 
 
-# --- the run directory ------------------------------------------------------------------------------
-
-
-def cell_key(sample_id: str, method: str, budget) -> tuple[str, str, str]:
-    return (sample_id, method, repr(budget))
-
-
-def read_predictions(run_dir: str | Path) -> list[dict]:
-    """The finished cells of a run; a torn last line (a kill mid-write) is cut off the file."""
-    path = Path(run_dir) / PREDICTIONS
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    good = data[: data.rfind(b"\n") + 1]
-    if len(good) != len(data):
-        log.warning("%s: dropping an unfinished last line", path)
-        with open(path, "r+b") as f:
-            f.truncate(len(good))
-    rows = []
-    for number, line in enumerate(good.decode("utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise KvdiagError(f"{path}:{number} is not valid JSON ({err.msg})") from None
-    return rows
-
-
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False, allow_nan=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _check_resume(out: Path, config: dict) -> dict | None:
-    """The existing manifest of `out` when it is a resumable eval run with this config, else an error."""
-    manifest_path = out / "manifest.json"
-    if not manifest_path.exists():
-        if (out / PREDICTIONS).exists():
-            raise KvdiagError(f"{out} has {PREDICTIONS} but no manifest.json; use a new --out")
-        return None
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("command") != "eval":
-        raise KvdiagError(f"{out} holds a {manifest.get('command')!r} run, not an eval run; use a new --out")
-    old = manifest.get("config", {})
-    differing = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-    if differing:
-        details = "; ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in differing)
-        raise KvdiagError(
-            f"cannot resume into {out}: its config differs in {', '.join(differing)} ({details}); "
-            f"use the same options or a new --out"
-        )
-    return manifest
-
-
-def results_table(rows: list[dict]) -> pd.DataFrame:
-    """The tidy results table from prediction rows (prediction text left out)."""
-    records = []
-    for row in rows:
-        record = {c: row.get(c) for c in RESULT_COLUMNS}
-        record.update(
-            {f"metric_{k}": v for k, v in (row.get("metrics") or {}).items() if len(row["metrics"]) > 1}
-        )
-        records.append(record)
-    table = pd.DataFrame.from_records(records, columns=None if records else RESULT_COLUMNS)
-    if not table.empty:
-        table["budget"] = table["budget"].astype(float)
-        table["hit_cap"] = table["hit_cap"].astype(bool)
-    return table
-
-
-def score_table(run_dir_or_table) -> pd.DataFrame:
-    """Mean score ± standard error (std / √n, NaN for n = 1) per method × budget, exact first, with the
-    mean budget fraction, bytes, fidelity, runaway rate and generated tokens."""
-    table = run_dir_or_table
-    if not isinstance(table, pd.DataFrame):
-        path = Path(run_dir_or_table) / RESULTS
-        if not path.exists():
-            raise KvdiagError(f"{Path(run_dir_or_table)} is not a finished eval run (missing {RESULTS})")
-        table = pd.read_parquet(path)
-    grouped = table.groupby(["method", "budget"], sort=False)
-    summary = grouped.agg(
-        n=("score", "size"), score_mean=("score", "mean"), score_std=("score", "std"),
-        budget_tokens=("budget_tokens", "mean"), budget_fraction=("budget_fraction", "mean"),
-        resident_bytes_per_token=("resident_bytes_per_token", "mean"),
-        fetched_bytes_per_step=("fetched_bytes_per_step", "mean"), kl_mean=("kl_mean", "mean"),
-        top1_agree=("top1_agree", "mean"), hit_cap_rate=("hit_cap", "mean"),
-        tokens_generated=("tokens_generated", "mean"), wall_s=("wall_s", "mean"),
-    ).reset_index()  # fmt: skip
-    summary.insert(4, "score_stderr", summary.pop("score_std") / summary["n"].pow(0.5))
-    order = {m: i for i, m in enumerate(dict.fromkeys([EXACT, *table.method]))}
-    summary["_o"] = summary.method.map(order)
-    return summary.sort_values(["_o", "budget_fraction"]).drop(columns="_o").reset_index(drop=True)
-
-
 # --- the pipeline -----------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Cell:
-    """One generation: a sample under `method` (None = exact, plain generate) at `budget`."""
+    """One generation: a sample under `method` (None = exact) at `budget`."""
 
     sample: Any
     method: Method | None
@@ -408,15 +405,17 @@ def _exact_bytes_per_token(model) -> float:
 
 
 def _run_cell(cell: Cell, net, tokenizer, task, input_ids, max_new_tokens: int, eos: list[int], fid: dict | None,
-              exact_bytes: float) -> dict:  # fmt: skip
+              exact_bytes: float, prefill: SharedPrefill | None = None) -> dict:  # fmt: skip
     """Generate, score and account one cell: the predictions.jsonl row."""
     tic = time.perf_counter()
-    new_ids, stats, sim = generate_cell(net, input_ids, cell.method, cell.budget, max_new_tokens, eos)
+    new_ids, stats, sim = generate_cell(
+        net, input_ids, cell.method, cell.budget, max_new_tokens, eos, prefill=prefill
+    )
     wall = time.perf_counter() - tic
     prediction = tokenizer.decode(new_ids, skip_special_tokens=True)
     metrics = task.metrics(prediction, cell.sample)
     length, n_new = input_ids.shape[1], len(new_ids)
-    budget_tokens = length if cell.method is None else sim.budget_tokens
+    budget_tokens = length if cell.method is None else resolve_budget(cell.budget, length)
     row = {
         "sample_id": cell.sample.id, "task": task.name, "method": cell.label, "method_spec": cell.spec,
         "budget": cell.budget, "budget_tokens": budget_tokens, "budget_fraction": budget_tokens / length,
@@ -438,23 +437,24 @@ def _run_cell(cell: Cell, net, tokenizer, task, input_ids, max_new_tokens: int, 
     return row
 
 
-def run_eval(model: str, task: str, out, methods: Sequence[Method | str] | None = None,
+def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple] | None = None,
              budgets: Sequence[float | int] = DEFAULT_BUDGETS, task_knobs: dict | None = None, n: int = 4,
              target_tokens: int = 2048, max_new_tokens: int = 256, seed: int = 0, chat: bool | None = None,
              data_dir=None, device: str | None = "cpu", dtype=None, fidelity: bool = True,
-             figures: bool = True, progress: bool = True) -> dict:  # fmt: skip
+             figures: bool = True, progress: bool = True, shared_prefill: bool = True) -> dict:  # fmt: skip
     """The `kvdiag eval` pipeline (see the module docstring); resumes into an existing `out`.
 
-    methods: specs ("shadowkv:rank=320") or Method objects, default every method but exact; budgets:
-    fractions of the prompt in (0, 1] or token counts; task_knobs: the task's knobs (typed values);
-    data_dir: sets the task's `data_dir` knob; chat: None = the chat template when the tokenizer has
-    one. Every input is validated before the model loads and before anything is written.
+    methods: specs ("shadowkv:rank=320", "yakv@3.125%"), Method objects or (method, budget) pairs,
+    default every method but exact; budgets: fractions of the prompt in (0, 1] or token counts, for the
+    methods without their own; task_knobs: the task's knobs (typed values); data_dir: sets the task's
+    `data_dir` knob; chat: None = the chat template when the tokenizer has one; shared_prefill: False
+    prefills every cell on its own (plain `generate`, slower; the same tokens). Every input is
+    validated before the model loads and before anything is written.
     Returns {"out", "predictions", "table", "figures", "cells", "new_cells", "seconds", "scores"}.
     """
     from tqdm.auto import tqdm
 
     from kvdiag.models import load_model, load_tokenizer, resolve_device
-    from kvdiag.recall import check_budget, method_label
     from kvdiag.runs import write_manifest, write_table
     from kvdiag.tasks import get_task
 
@@ -465,23 +465,16 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str] | None 
     elif data_dir is not None:
         log.warning("task %s reads no data; data_dir %s is ignored", task, data_dir)
     task_obj = get_task(task, **knobs)
-    method_objs = _resolve_methods(methods)
-    labels = [method_label(m) for m in method_objs]
-    given = [m for m in methods or labels if (m.strip() if isinstance(m, str) else m.name) != EXACT]
-    specs = [m.strip() if isinstance(m, str) else lab for m, lab in zip(given, labels)]
     budgets = list(budgets)
-    if not budgets:
-        raise KvdiagError("no budgets given; e.g. 0.03125,0.0625 (fractions of the prompt) or 2048 (tokens)")
-    for b in budgets:
-        check_budget(b)
     if len({repr(b) for b in budgets}) != len(budgets):
         raise KvdiagError(f"a budget is given twice in {budgets}")
+    runs = resolve_runs(methods, budgets)
     for name, value in (("n", n), ("--max-new-tokens", max_new_tokens), ("--target-tokens", target_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise KvdiagError(f"{name} must be an integer ≥ 1, got {value!r}")
     device = resolve_device(device)
     out = Path(out).expanduser()
-    _check_out(out)
+    check_out(out)
     context = _context_length(model)
     if context is not None and target_tokens > context:
         raise KvdiagError(
@@ -489,13 +482,13 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str] | None 
         )
     _check_data(task, knobs)
     config = {
-        "model": model, "task": task, "task_knobs": dataclasses.asdict(task_obj), "methods": labels,
-        "budgets": budgets, "n": n, "seed": seed, "target_tokens": target_tokens,
-        "max_new_tokens": max_new_tokens, "chat": chat, "device": device,
+        "model": model, "task": task, "task_knobs": dataclasses.asdict(task_obj),
+        "methods": [name for r in runs for name in r.config()], "budgets": budgets, "n": n, "seed": seed,
+        "target_tokens": target_tokens, "max_new_tokens": max_new_tokens, "chat": chat, "device": device,
         "dtype": None if dtype is None else str(dtype), "fidelity": fidelity,
     }  # fmt: skip
     config = json.loads(json.dumps(config, default=str))
-    previous = _check_resume(out, config) if out.exists() else None
+    previous = check_resume(out, config) if out.exists() else None
 
     # samples and prompt lengths need only the tokenizer: checked before the model loads or a file is written
     tokenizer = load_tokenizer(model)
@@ -511,7 +504,7 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str] | None 
                 f"sample {s.id}: {length} prompt tokens + {max_new_tokens} new tokens exceed {model}'s "
                 f"context of {context}; lower --target-tokens or --max-new-tokens"
             )
-        for b in budgets:
+        for b in {repr(b): b for r in runs for b in r.budgets}.values():
             try:
                 resolve_budget(b, length)
             except KvdiagError as err:
@@ -530,36 +523,44 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str] | None 
         "metric": task_obj.metric, "chat_used": use_chat, "eos_token_ids": eos,
         "data_found": task_obj.data_available(), "data_dir_env": os.environ.get("KVDIAG_DATA_DIR"),
         "first_created": (previous or {}).get("first_created") or (previous or {}).get("created"),
-        "methods": [{"label": lab, "spec": spec, "name": m.name, "paper": m.paper, "knobs": m.knobs()}
-                    for lab, spec, m in zip(labels, specs, method_objs)],
+        "methods": [{"label": r.label, "spec": r.spec, "name": r.method.name, "paper": r.method.paper,
+                     "knobs": r.method.knobs(), "budgets": r.budgets, "own_budgets": r.pinned} for r in runs],
         "samples": [{"id": s.id, "prompt_tokens": int(prompts[s.id].shape[1]), **s.meta} for s in samples],
+        "shared_prefill": shared_prefill,
     }  # fmt: skip
     if previous is None:
         write_manifest(out, "eval", config, {**extra, "status": "running"})
 
     cells = [c for s in samples for c in [Cell(s, None, EXACT, EXACT, 1.0)] + [
-        Cell(s, m, lab, spec, b) for m, lab, spec in zip(method_objs, labels, specs) for b in budgets]]  # fmt: skip
+        Cell(s, r.method, r.label, r.spec, b) for r in runs for b in r.budgets]]  # fmt: skip
     done = {cell_key(r["sample_id"], r["method"], r["budget"]) for r in read_predictions(out)}
     pending = [c for c in cells if c.key not in done]
     log.info("%d cells, %d already in %s", len(cells), len(cells) - len(pending), out / PREDICTIONS)
     bar = tqdm(
-        total=len(cells), initial=len(cells) - len(pending), desc="eval", unit="cell", disable=not progress
-    )
-    exact_bytes, fid_sample, fid = _exact_bytes_per_token(net), None, {}
+        total=len(cells), initial=len(cells) - len(pending), desc=f"eval {task}", unit="cell",
+        disable=not progress,
+    )  # fmt: skip
+    exact_bytes, sample_now, fid, prefill = _exact_bytes_per_token(net), None, {}, None
     for cell in pending:
         ids = prompts[cell.sample.id].to(device)
-        if fidelity and cell.method is not None and fid_sample is not cell.sample:
+        if sample_now is not cell.sample:  # a new sample: its fidelity and its shared prefill
+            sample_now, fid, prefill = cell.sample, {}, None
             todo = [c for c in pending if c.sample is cell.sample and c.method is not None]
-            answer = gold_answer_text(task, cell.sample)
-            results = _fidelity(net, tokenizer, ids, answer, [(c.method, c.budget) for c in todo])
-            fid_sample, fid = cell.sample, {c.key: r for c, r in zip(todo, results)}
+            if fidelity and todo:
+                bar.set_postfix_str(f"{cell.sample.id} fidelity")
+                answer = gold_answer_text(task, cell.sample)
+                results = _fidelity(net, tokenizer, ids, answer, [(c.method, c.budget) for c in todo])
+                fid = {c.key: r for c, r in zip(todo, results)}
+            if shared_prefill and todo and ids.shape[1] >= 2:
+                bar.set_postfix_str(f"{cell.sample.id} prefill")
+                prefill = prefill_prompt(net, ids)
         bar.set_postfix_str(f"{cell.sample.id} {cell.label} {cell.budget}")
-        row = _run_cell(
-            cell, net, tokenizer, task_obj, ids, max_new_tokens, eos, fid.get(cell.key), exact_bytes
-        )
-        _append(out / PREDICTIONS, row)
+        row = _run_cell(cell, net, tokenizer, task_obj, ids, max_new_tokens, eos, fid.get(cell.key), exact_bytes,
+                        prefill)  # fmt: skip
+        append_row(out / PREDICTIONS, row)
         bar.update()
     bar.close()
+    prefill = None
 
     wanted = {c.key for c in cells}
     rows = [r for r in read_predictions(out) if cell_key(r["sample_id"], r["method"], r["budget"]) in wanted]

@@ -9,10 +9,12 @@ import typer
 from kvdiag.cli import friendly_errors
 
 EXAMPLES = """
-Method specs are "name" or "name:knob=value,knob=value"; several specs are separated by ';' in
---methods (quote it in the shell: commas belong to the specs) or given as repeated --method options.
-'exact' (plain generation, no simulator) always runs; --methods exact runs only it. Budgets are
-separated by ','; "0.03125" or "3.125%" is a fraction of the prompt, "2048" a token count.
+Method specs are "name" or "name:knob=value,knob=value", optionally with the method's own budget
+after '@' ("shadowkv@1.5625%", "arkvale:page_size=16@0.78125%"): such a method runs only at that
+budget, the others at every --budgets value. Several specs are separated by ';' in --methods (quote
+it in the shell: commas belong to the specs) or given as repeated --method options. 'exact' always
+runs; --methods exact runs only it. Budgets are separated by ','; "0.03125" or "3.125%" is a
+fraction of the prompt, "2048" a token count.
 
 Re-running with the same --out resumes: finished (sample, method, budget) cells in predictions.jsonl
 are skipped; a different configuration is refused.
@@ -24,6 +26,8 @@ Examples:
   kvdiag eval --model qwen2.5-coder-0.5b --task text2json --task-knob n_entities=4
       --methods 'oracle;shadowkv:rank=20;yakv' --budgets 0.03125,0.0625 --n 3
       --target-tokens 1500 --max-new-tokens 200 --out runs/t2j
+  kvdiag eval --model qwen2.5-coder-0.5b --task needle --methods
+      'shadowkv@1.5625%;shadowkv@15.625%;yakv@3.125%;oracle@3.125%' --n 2 --out runs/needle
   kvdiag eval --model qwen2.5-coder-0.5b --task html2tsv --data-dir /work/shared/data
       --methods exact --n 2 --max-new-tokens 640 --out runs/html
   kvdiag tasks        # the tasks, their knobs and whether their data is found
@@ -45,11 +49,11 @@ def register(app: typer.Typer) -> None:
             None, "--task-knob", help="knob=value of the task; may be repeated"
         ),
         methods: str = typer.Option(
-            None, "--methods", help="';'-separated method specs (default: all registered methods)"
+            None, "--methods", help="';'-separated method specs, each optionally spec@budget (default: all registered methods)"
         ),
         method: list[str] = typer.Option(None, "--method", help="one method spec; may be repeated"),
         budgets: str = typer.Option(
-            "0.03125,0.0625", "--budgets", help="','-separated fractions of the prompt or token counts"
+            "0.03125,0.0625", "--budgets", help="','-separated fractions of the prompt or token counts (for specs without @budget)"
         ),
         n: int = typer.Option(4, "--n", help="number of samples"),
         target_tokens: int = typer.Option(2048, "--target-tokens", help="prompt length of generated samples"),
