@@ -29,7 +29,12 @@ def register(app: typer.Typer) -> None:
             return
         for row in rows:
             typer.echo(f"{row['name']}: {row['description']}")
-            found = "found" if row["data_found"] else "not found"
+            if row["data_found"]:
+                found = "found"
+            elif row["name"] in ("needle", "multineedle"):
+                found = "not found: uses the built-in haystack and generated needles (--data-dir for NeedleBench)"
+            else:
+                found = "not found: pass --data-dir or set KVDIAG_DATA_DIR"
             typer.echo(
                 f"    metric: {row['metric']} (0-100, higher is better, {row['aggregation']} over samples)"
             )
