@@ -136,3 +136,42 @@ def plot_eval_run(run_dir: str | Path) -> list[Path]:
         if summary.loc[summary.method != EXACT, "kl_mean"].notna().any():
             paths += save_figure(fidelity_vs_budget(summary, title), out, "fidelity_vs_budget")
     return paths
+
+
+def study_scores(scores: dict[str, pd.DataFrame], roles: dict[str, dict[str, tuple]], title: str = ""):
+    """Grouped bars: per task, mean score ± stderr of exact and of each study configuration.
+
+    scores: task -> `score_table`; roles: task -> {role: (method label, budget)}.
+    """
+    import matplotlib.pyplot as plt
+
+    tasks = list(scores)
+    order = [EXACT, *dict.fromkeys(r for t in tasks for r in roles.get(t, {}))]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(tasks) + 2), 3.4))
+    width = 0.8 / len(order)
+    palette = plt.get_cmap("tab10")
+    for i, role in enumerate(order):
+        means, errs = [], []
+        for task in tasks:
+            label, budget = (EXACT, 1.0) if role == EXACT else roles[task].get(role, (None, None))
+            rows = scores[task][(scores[task].method == label) & np.isclose(scores[task].budget, budget or -1)]
+            means.append(float(rows.score_mean.iloc[0]) if len(rows) else np.nan)
+            errs.append(float(np.nan_to_num(rows.score_stderr.iloc[0])) if len(rows) else 0.0)
+        color = "0.3" if role == EXACT else (0, 0, 0, 1) if role == "oracle" else palette((i - 1) % 10)
+        budget = "" if role == EXACT else f" @{100 * roles[tasks[0]][role][1]:.4g}%"
+        ax.bar(np.arange(len(tasks)) + (i - (len(order) - 1) / 2) * width, means, width, yerr=errs, capsize=2,
+               color=color, label=f"{role}{budget}")  # fmt: skip
+    ax.set_xticks(np.arange(len(tasks)), tasks)
+    ax.set_ylabel("score (0-100), mean ± stderr")
+    ax.set_ylim(0, 105)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_study_scores(scores: dict[str, pd.DataFrame], roles: dict[str, dict[str, tuple]], out_dir: Path,
+                      title: str = "") -> list[Path]:  # fmt: skip
+    """study_scores.png/.pdf in out_dir (a `kvdiag reproduce` run's figures/)."""
+    with style():
+        return save_figure(study_scores(scores, roles, title), Path(out_dir), "study_scores")

@@ -79,6 +79,7 @@ class ReproduceConfig:
 
     tasks: list[TaskPlan]
     analysis_tokens: int  # prompt length of the spectrum and recall stages (a Text2JSON sample)
+    analysis_knobs: dict = dataclasses.field(default_factory=dict)  # its Text2JSON knobs
     recall_layer_stride: int = 1  # recall on layers stride//2, stride//2 + stride, ... (1: all)
     recall_queries: int = 64
     recall_sweep: tuple = RECALL_SWEEP
@@ -202,12 +203,14 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     Returns {"out", "report", "stages": {name: seconds or "skipped"}, "seconds"}.
     """
     from kvdiag.eval_store import check_out
+    from kvdiag.evaluate import _context_length
     from kvdiag.models import resolve_device
     from kvdiag.recall import check_budget, method_label
     from kvdiag.report import export_report, write_report
     from kvdiag.runs import write_manifest
 
     start = time.perf_counter()
+    custom = config is not None
     config = config or (quick_config() if quick else full_config())
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -218,6 +221,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     device = resolve_device(device)
     out = Path(out).expanduser()
     check_out(out)
+    _context_length(model)  # an unknown model name fails here, with did-you-mean help
     family = model_family(model)
     html_task = _html2tsv_task(config, data_dir)
     plans = []
@@ -267,9 +271,9 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
         record(name, stage_config, seconds)
         echo(f"[{number}/{total}] {name}: done in {seconds:.0f} s -> {out / name}")
 
-    text = _analysis_prompt(model, config.analysis_tokens)
+    text = _analysis_prompt(model, config.analysis_tokens, config.analysis_knobs)
     analysis = {"model": model, "device": device, "max_tokens": config.analysis_tokens,
-                "prompt": "text2json sample 0 (seed 0)"}  # fmt: skip
+                "prompt": "text2json sample 0 (seed 0)", "knobs": config.analysis_knobs}  # fmt: skip
 
     from kvdiag.spectrum import run_spectrum
 
@@ -304,7 +308,8 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
             device=device, fidelity=config.fidelity, progress=progress))  # fmt: skip
 
     echo("report: writing report.md ...")
-    info = {"model": model, "family": family, "quick": quick, "device": device, "html2tsv_task": html_task,
+    mode = "custom configuration" if custom else "quick (CPU-sized)" if quick else "full"
+    info = {"model": model, "family": family, "quick": quick, "mode": mode, "device": device, "html2tsv_task": html_task,
             "config": top, "roles": roles, "tasks": [p.task for p in plans],
             "recall_roles": roles_of(study_methods(family, config.analysis_tokens if config.scale_outliers else None)),
             "outlier_chunks": {p.task: study_methods(family, p.target_tokens if config.scale_outliers else None)[0]
@@ -345,12 +350,14 @@ def _n_layers(model: str) -> int:
     return int(config_shapes(AutoConfig.from_pretrained(model))["layers"])
 
 
-def _analysis_prompt(model: str, tokens: int) -> str:
-    """The raw text of Text2JSON sample 0 (seed 0, default knobs) at about `tokens` tokens."""
+def _analysis_prompt(model: str, tokens: int, knobs: dict) -> str:
+    """The raw text of Text2JSON sample 0 (seed 0) at about `tokens` tokens."""
     from kvdiag.models import load_tokenizer
     from kvdiag.tasks import get_task
 
-    sample = get_task("text2json").samples(1, seed=0, tokenizer=load_tokenizer(model), target_tokens=tokens)[0]
+    sample = get_task("text2json", **knobs).samples(
+        1, seed=0, tokenizer=load_tokenizer(model), target_tokens=tokens
+    )[0]
     return sample.prompt_text
 
 

@@ -253,3 +253,98 @@ def test_cli_eval_and_tasks(tmp_path):
     assert listing.exit_code == 0
     for name in ("text2json", "needle", "multineedle", "html2tsv", "n_entities=10"):
         assert name in listing.output
+
+
+# --- per-method budgets ("spec@budget") -------------------------------------------------------------
+
+
+def test_a_method_may_carry_its_own_budget():
+    from kvdiag.evaluate import resolve_runs, split_method_budget
+    from kvdiag.methods import get_method
+
+    assert split_method_budget("shadowkv@1.5625%") == ("shadowkv", 0.015625)
+    assert split_method_budget("yakv@2048") == ("yakv", 2048)
+    spec, budget = split_method_budget("arkvale:page_size=16,n_sink_pages=2,n_win_pages=5@0.78125%")
+    assert (spec, budget) == ("arkvale:page_size=16,n_sink_pages=2,n_win_pages=5", 0.0078125)
+    oracle = get_method("oracle")
+    assert split_method_budget((oracle, "3.125%")) == (oracle, 0.03125)
+    assert split_method_budget("oracle") == ("oracle", None)
+
+    runs = resolve_runs(["shadowkv@1.5625%", "shadowkv@15.625%", "yakv", (oracle, 0.03125), "exact"], [0.0625, 0.125])
+    assert [(r.label, r.budgets, r.pinned) for r in runs] == [
+        ("shadowkv", [0.015625, 0.15625], True), ("yakv", [0.0625, 0.125], False), ("oracle", [0.03125], True)
+    ]  # fmt: skip
+    assert [name for r in runs for name in r.config()] == [
+        "shadowkv@0.015625", "shadowkv@0.15625", "yakv", "oracle@0.03125"
+    ]  # fmt: skip
+    assert resolve_runs(["oracle@0.5"], []) != []  # only pinned methods: no --budgets needed
+    for bad, message in [
+        (["oracle@0.5", "oracle@50%"], "oracle at budget 0.5 is given twice"),
+        (["oracle@0.5", "oracle"], "both with and without its own budget"),
+        (["oracle@1.5"], "neither a fraction"),
+        (["oracle@lots"], "is not a number"),
+        (["oracle"], "no budgets"),
+    ]:
+        with pytest.raises(KvdiagError, match=message):
+            resolve_runs(bad, [])
+
+
+def test_cells_follow_each_methods_own_budgets(tmp_path):
+    out = tmp_path / "run"
+    run_eval(**{**TINY, "n": 1}, out=out, methods=["oracle@0.25", "streaming:sinks=2", "oracle@6.25%"],
+             budgets=[0.125], fidelity=False, figures=False)  # fmt: skip
+    rows = lines(out / "predictions.jsonl")
+    assert sorted((r["method"], r["budget"]) for r in rows) == [
+        ("exact", 1.0), ("oracle", 0.0625), ("oracle", 0.25), ("streaming:sinks=2", 0.125)
+    ]  # fmt: skip
+    assert {r["method_spec"] for r in rows if r["method"] == "oracle"} == {"oracle"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["methods"] == ["oracle@0.25", "oracle@0.0625", "streaming:sinks=2"]
+
+    ok = CliRunner().invoke(kvdiag.cli.app, ["eval", "--model", "tiny-llama", "--task", "needle", "--n", "1",
+                                             "--target-tokens", "600", "--max-new-tokens", "2", "--no-fidelity",
+                                             "--methods", "oracle@25%;streaming:sinks=2@0.125", "--budgets", "0.5",
+                                             "--out", str(tmp_path / "cli")], env={"KVDIAG_DEBUG": None})  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    assert "3 cells (3 run now)" in ok.output
+    assert sorted((r["method"], r["budget"]) for r in lines(tmp_path / "cli" / "predictions.jsonl")) == [
+        ("exact", 1.0), ("oracle", 0.25), ("streaming:sinks=2", 0.125)
+    ]  # fmt: skip
+
+
+# --- one shared prefill per sample ------------------------------------------------------------------
+
+
+def shared_equals_plain(model, tokenizer, text: str, new_tokens: int) -> None:
+    """Exact and oracle at the full budget from a shared prefill of prompt[:-1] give the tokens that
+    plain `model.generate` gives from scratch."""
+    from kvdiag.evaluate import eos_token_ids, generate_cell, prefill_prompt
+    from kvdiag.methods import get_method
+
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    eos = eos_token_ids(model, tokenizer, chat=False)
+    plain, _, _ = generate_cell(model, ids, None, 1.0, new_tokens, eos)
+    prefill = prefill_prompt(model, ids)
+    assert prefill.n_tokens == ids.shape[1] - 1
+    shared_exact, _, _ = generate_cell(model, ids, None, 1.0, new_tokens, eos, prefill=prefill)
+    shared_oracle, stats, sim = generate_cell(model, ids, get_method("oracle"), 1.0, new_tokens, eos, prefill=prefill)
+    assert len(plain) == new_tokens
+    assert plain.tolist() == shared_exact.tolist() == shared_oracle.tolist()
+    # the last prompt token is the first decode step under the simulator: L - 1 tokens indexed
+    assert sim.prompt_len == ids.shape[1] - 1 and stats["decode_steps"] == new_tokens
+    again, _, _ = generate_cell(model, ids, None, 1.0, new_tokens, eos, prefill=prefill)
+    assert again.tolist() == plain.tolist()  # each cell continues from its own copy of the cache
+
+
+def test_shared_prefill_generates_what_plain_generate_does_on_tiny_llama(tiny):
+    model, tokenizer = tiny("tiny-llama")
+    shared_equals_plain(model, tokenizer, "The capital of France is Paris. " * 20, 8)
+
+
+@pytest.mark.slow
+def test_shared_prefill_generates_what_plain_generate_does_on_smollm2(smollm2):
+    from kvdiag.prompts import sample_text
+
+    model, tokenizer = smollm2
+    text = tokenizer.decode(tokenizer(sample_text()).input_ids[:300])
+    shared_equals_plain(model, tokenizer, text, 12)
