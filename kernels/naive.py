@@ -66,12 +66,18 @@ def check_landmark_inputs(
 
 
 def naive_landmark_scores(
-    q: torch.Tensor, landmarks: torch.Tensor, rule: str = "softmax_max", scale: float | None = None
+    q: torch.Tensor,
+    landmarks: torch.Tensor,
+    rule: str = "softmax_max",
+    scale: float | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """[H_kv, N] fp32 scores of every landmark under `rule` (see the module docstring)."""
+    """[H_kv, N] scores of every landmark under `rule` (see the module docstring), computed and
+    returned in `compute_dtype` (fp32, as the kernels; float64 for a higher-precision check)."""
     n_kv_heads, group, _, d, scale = check_landmark_inputs(q, landmarks, rule, scale)
-    q_groups = q.float().reshape(n_kv_heads, group, d)  # [H_kv, G, d]
-    keys = landmarks.float()  # [H_kv, N, d]
+    q_groups = q.to(compute_dtype).reshape(n_kv_heads, group, d)  # [H_kv, G, d]
+    keys = landmarks.to(compute_dtype)  # [H_kv, N, d]
     if rule == "mean_query":
         q_mean = q_groups.mean(dim=1)  # [H_kv, d]
         return torch.bmm(keys, q_mean[:, :, None]).squeeze(-1)  # [H_kv, N]

@@ -42,12 +42,17 @@ def default_ranks(channels: int) -> list[int]:
 
 
 def rebuild_keys(k_pre: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ranks: list[int]):
-    """Yield (rank, post-RoPE keys [H_kv, L, d] rebuilt from a rank-r SVD of the joint pre-RoPE keys)."""
+    """Yield (rank, post-RoPE keys [H_kv, L, d] rebuilt from a rank-r SVD of the joint pre-RoPE keys).
+
+    The best rank-r approximation U_r·S_r·V_rᵀ equals M·V_r·V_rᵀ (Eckart–Young), so only the right
+    singular vectors are needed: the eigenvectors of the small Gram matrix MᵀM [C, C] (float64).
+    """
     h_kv, length, d = k_pre.shape
     matrix = k_pre.transpose(0, 1).reshape(length, h_kv * d).double()
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    _, vectors = torch.linalg.eigh(matrix.T @ matrix)
+    vectors = vectors.flip(-1)  # descending eigenvalues = descending singular values
     for r in ranks:
-        low = (u[:, :r] * s[:r]) @ vh[:r]
+        low = (matrix @ vectors[:, :r]) @ vectors[:, :r].T
         yield r, apply_rope(low.reshape(length, h_kv, d).transpose(0, 1).float(), cos, sin)
 
 

@@ -87,12 +87,15 @@ def test_kernel_other_dtypes(rule, q_dtype, lm_dtype, seed):
 
 @pytest.mark.parametrize("block_n", [16, 128])
 def test_peaked_softmax_across_blocks(block_n, seed):
-    """Large logits (spread 8, scale 1): the block maxima differ widely, so the merge must be stable."""
+    """Large logits (spread 8, scale 1: |q·l| up to ~500): the block maxima differ widely, so the
+    merge must be stable. Compared with a float64 reference: an fp32 logit of ~500 carries ~3e-5 of
+    absolute rounding, which the softmax turns into ~3e-5 relative error in a probability, for the fp32
+    reference as much as for the kernel, hence 1e-4 here."""
     q, landmarks = make_inputs(seed, 2, 4, 1000, 64, torch.float32, spread=8.0)
     out = run_poisoned(q, landmarks, "softmax_max", 1.0, block_n=block_n)
-    ref = naive_landmark_scores(q, landmarks, "softmax_max", 1.0)
+    ref = naive_landmark_scores(q, landmarks, "softmax_max", 1.0, compute_dtype=torch.float64)
     assert torch.isfinite(out).all()
-    assert_agrees(out, ref, torch.float32, seed)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
 
 
 def test_strided_landmarks(seed):
