@@ -61,7 +61,7 @@ def git_hash() -> str | None:
         result = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
         )
-        return result.stdout.strip() or None
+        return result.stdout.strip() if result.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
