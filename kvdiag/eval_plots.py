@@ -154,7 +154,9 @@ def study_scores(scores: dict[str, pd.DataFrame], roles: dict[str, dict[str, tup
         means, errs = [], []
         for task in tasks:
             label, budget = (EXACT, 1.0) if role == EXACT else roles[task].get(role, (None, None))
-            rows = scores[task][(scores[task].method == label) & np.isclose(scores[task].budget, budget or -1)]
+            rows = scores[task][
+                (scores[task].method == label) & np.isclose(scores[task].budget, budget or -1)
+            ]
             means.append(float(rows.score_mean.iloc[0]) if len(rows) else np.nan)
             errs.append(float(np.nan_to_num(rows.score_stderr.iloc[0])) if len(rows) else 0.0)
         color = "0.3" if role == EXACT else (0, 0, 0, 1) if role == "oracle" else palette((i - 1) % 10)

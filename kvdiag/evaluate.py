@@ -139,7 +139,7 @@ class MethodRun:
 
 
 def split_method_budget(item) -> tuple[Method | str, float | int | None]:
-    """"spec@budget" / (method, budget) / spec / Method -> (spec or Method, budget or None)."""
+    """ "spec@budget" / (method, budget) / spec / Method -> (spec or Method, budget or None)."""
     from kvdiag.recall import parse_budget
 
     if isinstance(item, tuple):
@@ -164,7 +164,11 @@ def resolve_runs(methods, budgets: Sequence[float | int]) -> list[MethodRun]:
     runs: dict[str, MethodRun] = {}
     for item in default_methods() if methods is None else methods:
         given, budget = split_method_budget(item)
-        name = given.strip().partition(":")[0].strip() if isinstance(given, str) else getattr(given, "name", None)
+        name = (
+            given.strip().partition(":")[0].strip()
+            if isinstance(given, str)
+            else getattr(given, "name", None)
+        )
         if name == EXACT:
             continue
         method = parse_method_spec(given) if isinstance(given, str) else given

@@ -71,10 +71,12 @@ def markdown_table(header: list[str], rows: list[list], align: str | None = None
 
 
 def score_text(mean: float, stderr: float) -> str:
-    """"36.0 ± 4.0", or "36.0 (n = 1)" without an error bar."""
+    """ "36.0 ± 4.0", or "36.0 (n = 1)" without an error bar."""
     if mean is None or not np.isfinite(mean):
         return "–"
-    return f"{mean:.1f} ± {stderr:.1f}" if stderr is not None and np.isfinite(stderr) else f"{mean:.1f} (n = 1)"
+    return (
+        f"{mean:.1f} ± {stderr:.1f}" if stderr is not None and np.isfinite(stderr) else f"{mean:.1f} (n = 1)"
+    )
 
 
 def _num(value, digits: int = 3) -> str:
@@ -161,7 +163,9 @@ def claim1(scores: dict[str, pd.DataFrame], roles: dict[str, dict[str, tuple]]) 
             + f". Context-intensive: {len(losing)} of {len(testable)} (method, task) pairs lose"
             + "".join(
                 f"; {t}: exact {exact[t]}, "
-                + ", ".join(f"{TITLES[r]} {pairs[r, t]} ({pair_cls[r, t]})" for r in BASELINES if (r, t) in pair_cls)
+                + ", ".join(
+                    f"{TITLES[r]} {pairs[r, t]} ({pair_cls[r, t]})" for r in BASELINES if (r, t) in pair_cls
+                )
                 for t in ci
             )
             + "."
@@ -171,7 +175,9 @@ def claim1(scores: dict[str, pd.DataFrame], roles: dict[str, dict[str, tuple]]) 
     statement = "raising ShadowKV's budget 10× does not fix it"
     rows = []
     for t in ci:
-        base, ten = (lookup(scores[t], *roles[t][r]) if r in roles[t] else None for r in ("shadowkv", "shadowkv_10x"))
+        base, ten = (
+            lookup(scores[t], *roles[t][r]) if r in roles[t] else None for r in ("shadowkv", "shadowkv_10x")
+        )
         if base is not None and ten is not None:
             rows.append((t, base, ten, classify(base, exact[t]), classify(ten, exact[t])))
     where = [r for r in rows if r[3] == "loss"]
@@ -181,9 +187,12 @@ def claim1(scores: dict[str, pd.DataFrame], roles: dict[str, dict[str, tuple]]) 
         verdict = FAILS
     else:
         verdict = UNSURE
-    evidence = "; ".join(
-        f"{t}: exact {exact[t]}, ShadowKV {b} ({cb}), ShadowKV 10× {x} ({cx})" for t, b, x, cb, cx in rows
-    ) or "no ShadowKV scores on a context-intensive task"
+    evidence = (
+        "; ".join(
+            f"{t}: exact {exact[t]}, ShadowKV {b} ({cb}), ShadowKV 10× {x} ({cx})" for t, b, x, cb, cx in rows
+        )
+        or "no ShadowKV scores on a context-intensive task"
+    )
     if not where and rows:
         evidence += " (ShadowKV does not lose significantly at its own budget, so there is nothing to fix)"
     found.append(Finding("1", statement, verdict, evidence + "."))
@@ -202,7 +211,9 @@ def recall_summary(recall: pd.DataFrame, label: str, budget: float) -> dict | No
 def claim2(recall: pd.DataFrame | None, roles: dict[str, tuple]) -> list[Finding]:
     """Claim 2 from a recall table; roles[role] = (label, budget) of the recall run's methods."""
     s_low = "low-rank (SVD) pre-RoPE keys cost accuracy (key loss)"
-    s_chunk = "chunk-mean landmarks select the wrong tokens (selection loss); exact q·k needs far fewer tokens"
+    s_chunk = (
+        "chunk-mean landmarks select the wrong tokens (selection loss); exact q·k needs far fewer tokens"
+    )
     if recall is None or "shadowkv" not in roles or "yakv" not in roles:
         return [Finding("2", s, UNSURE, "no recall table with ShadowKV and YAKV") for s in (s_low, s_chunk)]
     label, budget = roles["shadowkv"]
@@ -221,7 +232,10 @@ def claim2(recall: pd.DataFrame | None, roles: dict[str, tuple]) -> list[Finding
     low = Finding("2", s_low, verdict,
                   f"{at}: err_key ShadowKV {shadow['err_key']:.3f} (err_total {shadow['err_total']:.3f}) vs "
                   f"YAKV {yakv['err_key']:.3f} (4-bit K/V)")  # fmt: skip
-    if shadow["err_selection"] > 1.25 * yakv["err_selection"] and shadow["attention_mass"] < yakv["attention_mass"]:
+    if (
+        shadow["err_selection"] > 1.25 * yakv["err_selection"]
+        and shadow["attention_mass"] < yakv["attention_mass"]
+    ):
         verdict = HOLDS
     elif shadow["err_selection"] <= yakv["err_selection"]:
         verdict = FAILS
@@ -243,7 +257,9 @@ def claim3(scores: pd.DataFrame | None, roles: dict[str, tuple]) -> Finding:
     statement = "YAKV recovers most of the loss: exact > YAKV > ShadowKV on Text2JSON"
     if scores is None:
         return Finding("3", statement, UNSURE, "no Text2JSON scores")
-    exact, yakv, shadow = (lookup(scores, *r) for r in (("exact", 1.0), roles.get("yakv"), roles.get("shadowkv")))
+    exact, yakv, shadow = (
+        lookup(scores, *r) for r in (("exact", 1.0), roles.get("yakv"), roles.get("shadowkv"))
+    )
     if None in (exact, yakv, shadow):
         return Finding("3", statement, UNSURE, "Text2JSON lacks exact, YAKV or ShadowKV scores")
     gap = exact.mean - shadow.mean
@@ -275,7 +291,9 @@ def _task_table(summary: pd.DataFrame, role_of: dict[tuple, str]) -> str:
     rows = []
     for r in summary.itertuples():
         role = "exact" if r.method == "exact" else role_of.get((r.method, round(float(r.budget), 8)), "")
-        budget = "100 %" if r.method == "exact" else f"{_percent(r.budget_fraction)} ({r.budget_tokens:.0f} tok)"
+        budget = (
+            "100 %" if r.method == "exact" else f"{_percent(r.budget_fraction)} ({r.budget_tokens:.0f} tok)"
+        )
         rows.append([TITLES.get(role, role), f"`{r.method}`", budget, score_text(r.score_mean, r.score_stderr),
                      int(r.n), _num(r.kl_mean), _num(r.top1_agree), _num(r.resident_bytes_per_token, 4),
                      f"{100 * r.hit_cap_rate:.0f} %"])  # fmt: skip
@@ -308,43 +326,75 @@ def write_report(out: str | Path, info: dict) -> Path:
     from kvdiag.eval_store import score_table
 
     out = Path(out)
-    scores = {t: score_table(out / f"eval_{t}") for t in info["tasks"] if (out / f"eval_{t}" / "results.parquet").exists()}
+    scores = {
+        t: score_table(out / f"eval_{t}")
+        for t in info["tasks"]
+        if (out / f"eval_{t}" / "results.parquet").exists()
+    }
     recall_path = out / "recall" / "recall.parquet"
     recall = pd.read_parquet(recall_path) if recall_path.exists() else None
     if scores:
-        plot_study_scores(scores, info["roles"], out / "figures", title=f"{info['model']}: the study's configurations")
+        plot_study_scores(
+            scores, info["roles"], out / "figures", title=f"{info['model']}: the study's configurations"
+        )
     found = findings(scores, info["roles"], recall, info["recall_roles"])
     config = info["config"]
     mode = info.get("mode") or ("quick (CPU-sized)" if info["quick"] else "full")
     lines = [
-        f"# kvdiag reproduce: arXiv 2604.08426 on `{info['model']}`", "",
+        f"# kvdiag reproduce: arXiv 2604.08426 on `{info['model']}`",
+        "",
         f"Mode: {mode}; device {info['device']}; LRQK family `{info['family']}`. Command: "
         f"`kvdiag reproduce --model {info['model']}{' --quick' if info['quick'] else ''} --out {out}`. "
-        "Sub-runs: `spectrum/`, `recall/`, " + ", ".join(f"`eval_{t}/`" for t in info["tasks"]) + ".", "",
-        "## Findings", "",
-        *[f"- **Claim {f.claim}: {f.statement}: {f.verdict}.** {f.evidence}" for f in found], "",
+        "Sub-runs: `spectrum/`, `recall/`, " + ", ".join(f"`eval_{t}/`" for t in info["tasks"]) + ".",
+        "",
+        "## Findings",
+        "",
+        *[f"- **Claim {f.claim}: {f.statement}: {f.verdict}.** {f.evidence}" for f in found],
+        "",
         f"Verdicts: a method *loses* when its mean ± 1 stderr interval lies below exact's and it is more than "
         f"{TOLERANCE:g} points below; *lossless* when at most {TOLERANCE:g} points below; n = 1 has no "
         "error bar, so it never counts as a loss; where exact itself scores at most "
-        f"{TOLERANCE:g} (*floor*) there is nothing to lose (see `kvdiag.report`).", "",
+        f"{TOLERANCE:g} (*floor*) there is nothing to lose (see `kvdiag.report`).",
+        "",
         _figure(out, "figures/study_scores.png", "scores of the study's configurations per task"),
-        "## Configuration", "",
-        markdown_table(["task", "n", "prompt tokens (target)", "max new tokens", "knobs", "ShadowKV outlier chunks"],
-                       [[t["task"], t["n"], t["target_tokens"], t["max_new_tokens"],
-                         ", ".join(f"{k}={v}" for k, v in t["knobs"].items()) or "defaults",
-                         info["outlier_chunks"].get(t["task"], "")] for t in config["tasks"]]),  # fmt: skip
+        "## Configuration",
+        "",
+        markdown_table(
+            ["task", "n", "prompt tokens (target)", "max new tokens", "knobs", "ShadowKV outlier chunks"],
+            [
+                [
+                    t["task"],
+                    t["n"],
+                    t["target_tokens"],
+                    t["max_new_tokens"],
+                    ", ".join(f"{k}={v}" for k, v in t["knobs"].items()) or "defaults",
+                    info["outlier_chunks"].get(t["task"], ""),
+                ]
+                for t in config["tasks"]
+            ],
+        ),  # fmt: skip
         "",
         f"HTML→TSV: `{info['html2tsv_task']}` "
-        + ("(LongProc's real pages)." if info["html2tsv_task"] == "html2tsv" else
-           "(kvdiag's synthetic pages; LongProc's real data was not used: "
-           + ("quick mode, whose 0.5B model scores 0 on the real 2K-11K-token pages)." if info["quick"]
-              else "not found; pass --data-dir)."))  # fmt: skip
+        + (
+            "(LongProc's real pages)."
+            if info["html2tsv_task"] == "html2tsv"
+            else "(kvdiag's synthetic pages; LongProc's real data was not used: "
+            + (
+                "quick mode, whose 0.5B model scores 0 on the real 2K-11K-token pages)."
+                if info["quick"]
+                else "not found; pass --data-dir)."
+            )
+        )  # fmt: skip
         + " Budgets are fractions of the prompt; GPU bytes / token are the method's resident index per "
         "prompt token and layer (exact: bf16 K+V). KL and top-1 agreement are teacher-forced on the gold answer.",
         "",
-        markdown_table(["configuration", "method", "budget"],
-                       [[TITLES[r], f"`{lab}`", _percent(b)] for r, (lab, b) in
-                        next(iter(info["roles"].values()), {}).items()]),  # fmt: skip
+        markdown_table(
+            ["configuration", "method", "budget"],
+            [
+                [TITLES[r], f"`{lab}`", _percent(b)]
+                for r, (lab, b) in next(iter(info["roles"].values()), {}).items()
+            ],
+        ),  # fmt: skip
         "",
     ]
     for task, summary in scores.items():

@@ -178,7 +178,10 @@ def roles_of(studied: list[StudyMethod]) -> dict[str, tuple[str, float]]:
 def _html2tsv_task(config: ReproduceConfig, data_dir) -> str:
     from kvdiag.tasks import get_task
 
-    if config.html2tsv_real and get_task("html2tsv", data_dir=None if data_dir is None else str(data_dir)).data_available():
+    if (
+        config.html2tsv_real
+        and get_task("html2tsv", data_dir=None if data_dir is None else str(data_dir)).data_available()
+    ):
         return "html2tsv"
     return "html2tsv_synthetic"
 
@@ -187,7 +190,9 @@ def _stage_done(out: Path, name: str, stage_config: dict, previous: dict | None,
     stages = (previous or {}).get("stages", {})
     record = stages.get(name, {})
     return (
-        record.get("status") == "complete" and record.get("config") == stage_config and (out / name / artefact).exists()
+        record.get("status") == "complete"
+        and record.get("config") == stage_config
+        and (out / name / artefact).exists()
     )
 
 
@@ -238,8 +243,12 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     if (out / "manifest.json").exists():
         previous = json.loads((out / "manifest.json").read_text())
         if previous.get("command") != "reproduce":
-            raise KvdiagError(f"{out} holds a {previous.get('command')!r} run, not a reproduce run; use a new --out")
-        differing = sorted(k for k in set(top) | set(previous["config"]) if top.get(k) != previous["config"].get(k))
+            raise KvdiagError(
+                f"{out} holds a {previous.get('command')!r} run, not a reproduce run; use a new --out"
+            )
+        differing = sorted(
+            k for k in set(top) | set(previous["config"]) if top.get(k) != previous["config"].get(k)
+        )
         if differing:
             raise KvdiagError(
                 f"cannot resume into {out}: its reproduce configuration differs in {', '.join(differing)}; "
@@ -316,7 +325,9 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
                                .method.outlier_chunks for p in plans}}  # fmt: skip
     report = write_report(out, info)
     seconds = round(time.perf_counter() - start, 1)
-    write_manifest(out, "reproduce", top, {"stages": stages, "status": "complete", "seconds_last_run": seconds})
+    write_manifest(
+        out, "reproduce", top, {"stages": stages, "status": "complete", "seconds_last_run": seconds}
+    )
     echo(f"report: {report}")
     if figures_dir is not None:
         exported = export_report(out, figures_dir)

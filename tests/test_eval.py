@@ -270,7 +270,9 @@ def test_a_method_may_carry_its_own_budget():
     assert split_method_budget((oracle, "3.125%")) == (oracle, 0.03125)
     assert split_method_budget("oracle") == ("oracle", None)
 
-    runs = resolve_runs(["shadowkv@1.5625%", "shadowkv@15.625%", "yakv", (oracle, 0.03125), "exact"], [0.0625, 0.125])
+    runs = resolve_runs(
+        ["shadowkv@1.5625%", "shadowkv@15.625%", "yakv", (oracle, 0.03125), "exact"], [0.0625, 0.125]
+    )
     assert [(r.label, r.budgets, r.pinned) for r in runs] == [
         ("shadowkv", [0.015625, 0.15625], True), ("yakv", [0.0625, 0.125], False), ("oracle", [0.03125], True)
     ]  # fmt: skip
@@ -327,7 +329,9 @@ def shared_equals_plain(model, tokenizer, text: str, new_tokens: int) -> None:
     prefill = prefill_prompt(model, ids)
     assert prefill.n_tokens == ids.shape[1] - 1
     shared_exact, _, _ = generate_cell(model, ids, None, 1.0, new_tokens, eos, prefill=prefill)
-    shared_oracle, stats, sim = generate_cell(model, ids, get_method("oracle"), 1.0, new_tokens, eos, prefill=prefill)
+    shared_oracle, stats, sim = generate_cell(
+        model, ids, get_method("oracle"), 1.0, new_tokens, eos, prefill=prefill
+    )
     assert len(plain) == new_tokens
     assert plain.tolist() == shared_exact.tolist() == shared_oracle.tolist()
     # the last prompt token is the first decode step under the simulator: L - 1 tokens indexed

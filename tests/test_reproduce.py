@@ -64,7 +64,10 @@ def test_claim1_does_not_hold_or_is_inconclusive():
     assert main.verdict == FAILS and "0 of 4" in main.evidence  # every pair within 5 points
     assert ten.verdict == UNSURE and "nothing to fix" in ten.evidence
     needle_bad = scores(exact=(100, 0), shadowkv=(50, 5), arkvale=(40, 5), lrqk=(100, 0), infinigen=(100, 0))
-    assert claim1({"needle": needle_bad, "text2json": close}, {"needle": ROLES, "text2json": ROLES})[0].verdict == FAILS
+    assert (
+        claim1({"needle": needle_bad, "text2json": close}, {"needle": ROLES, "text2json": ROLES})[0].verdict
+        == FAILS
+    )
     wide = scores(exact=(40, 10), shadowkv=(20, 10), shadowkv_10x=(39, 10), arkvale=(25, 10), lrqk=(22, 12),
                   infinigen=(30, 10))  # fmt: skip
     main, ten = claim1({"needle": NEEDLE_OK, "text2json": wide}, {"needle": ROLES, "text2json": ROLES})
@@ -74,17 +77,28 @@ def test_claim1_does_not_hold_or_is_inconclusive():
     assert claim1({"needle": NEEDLE_OK, "t2j": fixed, "text2json": fixed},
                   {"needle": ROLES, "text2json": ROLES})[1].verdict == FAILS  # fmt: skip
     floor = scores(exact=(0, 0), shadowkv=(0, 0), arkvale=(0, 0), lrqk=(0, 0), infinigen=(0, 0))
-    assert claim1({"needle": NEEDLE_OK, "text2json": floor}, {"needle": ROLES, "text2json": ROLES})[0].verdict == UNSURE
+    assert (
+        claim1({"needle": NEEDLE_OK, "text2json": floor}, {"needle": ROLES, "text2json": ROLES})[0].verdict
+        == UNSURE
+    )
 
 
 def test_claim3_by_hand():
     held = claim3(scores(exact=(40, 2), yakv=(35, 2), shadowkv=(10, 2)), ROLES)
     assert held.verdict == HOLDS
-    assert held.evidence == "exact 40.0 ± 2.0, YAKV 35.0 ± 2.0, ShadowKV 10.0 ± 2.0; YAKV recovers 83 % of ShadowKV's gap"
+    assert (
+        held.evidence
+        == "exact 40.0 ± 2.0, YAKV 35.0 ± 2.0, ShadowKV 10.0 ± 2.0; YAKV recovers 83 % of ShadowKV's gap"
+    )
     assert claim3(scores(exact=(40, 2), yakv=(8, 1), shadowkv=(20, 1)), ROLES).verdict == FAILS
-    assert claim3(scores(exact=(40, 2), yakv=(12, 3), shadowkv=(12, 1)), ROLES).verdict == FAILS  # no recovery
+    assert (
+        claim3(scores(exact=(40, 2), yakv=(12, 3), shadowkv=(12, 1)), ROLES).verdict == FAILS
+    )  # no recovery
     assert claim3(scores(exact=(40, 2), yakv=(25, 10), shadowkv=(10, 10)), ROLES).verdict == UNSURE
-    assert claim3(scores(exact=(40, math.nan), yakv=(35, math.nan), shadowkv=(10, math.nan)), ROLES).verdict == UNSURE
+    assert (
+        claim3(scores(exact=(40, math.nan), yakv=(35, math.nan), shadowkv=(10, math.nan)), ROLES).verdict
+        == UNSURE
+    )
     assert claim3(None, ROLES).verdict == UNSURE
 
 
@@ -145,7 +159,14 @@ def test_reproduce_end_to_end_then_everything_is_reused(tmp_path, monkeypatch, o
     out, said = tmp_path / "rep", []
     result = run_reproduce("tiny-llama", out, config=tiny_config(), progress=False, echo=said.append,
                            figures_dir=tmp_path / "figures")  # fmt: skip
-    stages = ["spectrum", "recall", "eval_text2json", "eval_multineedle", "eval_html2tsv_synthetic", "eval_needle"]
+    stages = [
+        "spectrum",
+        "recall",
+        "eval_text2json",
+        "eval_multineedle",
+        "eval_html2tsv_synthetic",
+        "eval_needle",
+    ]
     assert list(result["stages"]) == stages and all(isinstance(s, float) for s in result["stages"].values())
     assert [line for line in said if line.startswith("[")][:2] == ["[1/6] spectrum: running ...", said[1]]
     for stage in stages:
@@ -154,7 +175,10 @@ def test_reproduce_end_to_end_then_everything_is_reused(tmp_path, monkeypatch, o
     for heading in ["## Findings", "## Configuration", "## text2json", "## multineedle", "## html2tsv_synthetic",
                     "## needle", "## Recall and error decomposition", "## Key spectra"]:  # fmt: skip
         assert heading in report
-    assert len(re.findall(r"^- \*\*Claim [123]: .*: (holds|does not hold|inconclusive)\.\*\*", report, re.M)) == 5
+    assert (
+        len(re.findall(r"^- \*\*Claim [123]: .*: (holds|does not hold|inconclusive)\.\*\*", report, re.M))
+        == 5
+    )
     assert "`html2tsv_synthetic` (kvdiag's synthetic pages" in report
     t2j = pd.read_parquet(out / "eval_text2json" / "results.parquet")
     assert sorted(zip(t2j.method, t2j.budget)) == sorted([

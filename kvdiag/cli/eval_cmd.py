@@ -49,11 +49,15 @@ def register(app: typer.Typer) -> None:
             None, "--task-knob", help="knob=value of the task; may be repeated"
         ),
         methods: str = typer.Option(
-            None, "--methods", help="';'-separated method specs, each optionally spec@budget (default: all registered methods)"
+            None,
+            "--methods",
+            help="';'-separated method specs, each optionally spec@budget (default: all registered methods)",
         ),
         method: list[str] = typer.Option(None, "--method", help="one method spec; may be repeated"),
         budgets: str = typer.Option(
-            "0.03125,0.0625", "--budgets", help="','-separated fractions of the prompt or token counts (for specs without @budget)"
+            "0.03125,0.0625",
+            "--budgets",
+            help="','-separated fractions of the prompt or token counts (for specs without @budget)",
         ),
         n: int = typer.Option(4, "--n", help="number of samples"),
         target_tokens: int = typer.Option(2048, "--target-tokens", help="prompt length of generated samples"),
