@@ -118,6 +118,10 @@ def test_claim2_by_hand():
     low, chunk = claim2(table, ROLES)
     assert low.verdict == HOLDS and "err_key ShadowKV 0.300 (err_total 0.100) vs YAKV 0.100" in low.evidence
     assert chunk.verdict == HOLDS and "reaches ShadowKV's attention mass at 0.7812 %" in chunk.evidence
+    oracle_half = (table.method == "oracle") & (table.budget == 0.0078125)
+    table.loc[oracle_half, "attention_mass"] = 0.4  # the oracle now needs ShadowKV's own budget
+    low, chunk = claim2(table, ROLES)
+    assert low.verdict == HOLDS and chunk.verdict == UNSURE and "mass at 1.562 %" in chunk.evidence
     table.loc[table.method == "shadowkv", ["err_key", "err_selection"]] = [0.15, 0.22]
     low, chunk = claim2(table, ROLES)
     assert low.verdict == UNSURE and chunk.verdict == UNSURE  # 1.5x and 1.1x: between the thresholds
