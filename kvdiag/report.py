@@ -40,7 +40,8 @@ HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
 BASELINES = ("shadowkv", "arkvale", "lrqk", "infinigen")
 CONTEXT_INTENSIVE = ("text2json", "multineedle", "html2tsv", "html2tsv_synthetic")
 TITLES = {"shadowkv": "ShadowKV", "shadowkv_10x": "ShadowKV 10×", "arkvale": "ArkVale", "lrqk": "LRQK",
-          "infinigen": "InfiniGen", "yakv": "YAKV", "oracle": "oracle", "exact": "exact"}  # fmt: skip
+          "infinigen": "InfiniGen", "yakv": "YAKV", "yakv_centered": "YAKV centred (kvdiag)", "oracle": "oracle",
+          "exact": "exact"}  # fmt: skip
 
 
 # --- markdown ---------------------------------------------------------------------------------------
@@ -253,13 +254,16 @@ def claim2(recall: pd.DataFrame | None, roles: dict[str, tuple]) -> list[Finding
     return [low, Finding("2", s_chunk, verdict, evidence)]
 
 
-def claim3(scores: pd.DataFrame | None, roles: dict[str, tuple]) -> Finding:
-    """Claim 3 from the Text2JSON score table; roles[role] = (label, budget)."""
+def claim3(scores: pd.DataFrame | None, roles: dict[str, tuple], yakv_role: str = "yakv") -> Finding:
+    """Claim 3 from the Text2JSON score table; roles[role] = (label, budget). yakv_role="yakv_centered"
+    asks the same of kvdiag's centred-K/V YAKV (not part of the study)."""
     statement = "YAKV recovers most of the loss: exact > YAKV > ShadowKV on Text2JSON"
+    if yakv_role != "yakv":
+        statement += " (YAKV with centred K/V, a kvdiag addition)"
     if scores is None:
         return Finding("3", statement, UNSURE, "no Text2JSON scores")
     exact, yakv, shadow = (
-        lookup(scores, *r) for r in (("exact", 1.0), roles.get("yakv"), roles.get("shadowkv"))
+        lookup(scores, *r) for r in (("exact", 1.0), roles.get(yakv_role), roles.get("shadowkv"))
     )
     if None in (exact, yakv, shadow):
         return Finding("3", statement, UNSURE, "Text2JSON lacks exact, YAKV or ShadowKV scores")
@@ -279,8 +283,14 @@ def findings(scores: dict[str, pd.DataFrame], roles: dict[str, dict], recall: pd
              recall_roles: dict[str, tuple]) -> list[Finding]:  # fmt: skip
     """Every claim's verdict (see the module docstring)."""
     t2j = "text2json"
-    return [*claim1(scores, roles), *claim2(recall, recall_roles),
-            claim3(scores.get(t2j), roles.get(t2j, {}))]  # fmt: skip
+    found = [
+        *claim1(scores, roles),
+        *claim2(recall, recall_roles),
+        claim3(scores.get(t2j), roles.get(t2j, {})),
+    ]
+    if "yakv_centered" in roles.get(t2j, {}):
+        found.append(claim3(scores.get(t2j), roles[t2j], yakv_role="yakv_centered"))
+    return found
 
 
 # --- report.md --------------------------------------------------------------------------------------

@@ -55,11 +55,12 @@ log = logging.getLogger(__name__)
 
 # study budgets: ShadowKV 2048 of 128K (and 10x), ArkVale, LRQK's active share, InfiniGen, YAKV/oracle
 STUDY_BUDGETS = {"shadowkv": 0.015625, "shadowkv_10x": 0.15625, "arkvale": 0.0078125, "lrqk": 0.00258,
-                 "infinigen": 0.2, "yakv": 0.03125, "oracle": 0.03125}  # fmt: skip
+                 "infinigen": 0.2, "yakv": 0.03125, "yakv_centered": 0.03125, "oracle": 0.03125}  # fmt: skip
 RECALL_SWEEP = (0.0078125, 0.015625, 0.03125, 0.0625, 0.125)
 OUTLIER_SHARE = 48 * 8 / 131072  # ShadowKV's 384 outlier tokens of a 128K prompt (0.29 %)
 ROLE_TITLES = {"shadowkv": "ShadowKV", "shadowkv_10x": "ShadowKV 10× budget", "arkvale": "ArkVale",
-               "lrqk": "LRQK", "infinigen": "InfiniGen", "yakv": "YAKV", "oracle": "oracle top-k"}  # fmt: skip
+               "lrqk": "LRQK", "infinigen": "InfiniGen", "yakv": "YAKV",
+               "yakv_centered": "YAKV, centred K/V (kvdiag addition)", "oracle": "oracle top-k"}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -162,7 +163,8 @@ def study_methods(family: str, prompt_tokens: int | None = None) -> list[StudyMe
     methods = {
         "shadowkv": get_method("shadowkv", **shadow), "shadowkv_10x": get_method("shadowkv", **shadow),
         "arkvale": ArkVale.study(), "lrqk": LRQK.study(family), "infinigen": InfiniGen.study(),
-        "yakv": get_method("yakv"), "oracle": get_method("oracle"),
+        "yakv": get_method("yakv"), "yakv_centered": get_method("yakv", center=True),
+        "oracle": get_method("oracle"),
     }  # fmt: skip
     return [StudyMethod(role, m, STUDY_BUDGETS[role]) for role, m in methods.items()]
 

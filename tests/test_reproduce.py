@@ -181,14 +181,16 @@ def test_reproduce_end_to_end_then_everything_is_reused(tmp_path, monkeypatch, o
         assert heading in report
     assert (
         len(re.findall(r"^- \*\*Claim [123]: .*: (holds|does not hold|inconclusive)\.\*\*", report, re.M))
-        == 5
+        == 6  # claims 1 (x2), 2 (x2), 3, and 3 again for kvdiag's centred YAKV
     )
+    assert "centred K/V, a kvdiag addition" in report
     assert "`html2tsv_synthetic` (kvdiag's synthetic pages" in report
     t2j = pd.read_parquet(out / "eval_text2json" / "results.parquet")
     assert sorted(zip(t2j.method, t2j.budget)) == sorted([
         ("exact", 1.0), ("shadowkv:outlier_chunks=1", 0.015625), ("shadowkv:outlier_chunks=1", 0.15625),
         ("arkvale:page_size=16,n_win_pages=5,group_size=1", 0.0078125), ("lrqk", 0.00258),
-        ("infinigen:alpha=inf", 0.2), ("yakv", 0.03125), ("oracle", 0.03125)])  # fmt: skip
+        ("infinigen:alpha=inf", 0.2), ("yakv", 0.03125), ("yakv:center=True", 0.03125),
+        ("oracle", 0.03125)])  # fmt: skip
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert "figures/study_scores.png" in links and all((out / link).exists() for link in links)
     exported = (tmp_path / "figures" / "report.md").read_text()
