@@ -251,7 +251,7 @@ def test_cli_eval_and_tasks(tmp_path):
     )
     listing = runner.invoke(kvdiag.cli.app, ["tasks"], env=env)
     assert listing.exit_code == 0
-    for name in ("text2json", "needle", "multineedle", "html2tsv", "n_entities=10"):
+    for name in ("text2json", "needle", "multineedle", "html2tsv", "n_entities=4"):
         assert name in listing.output
 
 

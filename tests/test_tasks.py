@@ -39,7 +39,7 @@ def test_registry_lists_tasks_and_suggests_names():
     names = {row["name"] for row in list_tasks()}
     assert names == {"text2json", "multineedle", "needle", "html2tsv", "html2tsv_synthetic"}
     row = next(r for r in list_tasks() if r["name"] == "text2json")
-    assert row["knobs"] == {"domain": "mixed", "n_entities": 10, "n_distractors": 4}
+    assert row["knobs"] == {"domain": "mixed", "n_entities": 4, "n_distractors": 2}
     assert row["higher_is_better"] and row["aggregation"] == "mean" and row["data_found"]
     with pytest.raises(KvdiagError, match="did you mean 'text2json'"):
         get_task("text2jsn")

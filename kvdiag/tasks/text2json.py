@@ -118,16 +118,22 @@ def text2json_score(prediction: str, gold: list[dict[str, str]]) -> float:
 
 @dataclass
 class Text2JSON(Task):
-    """Knobs: domain ("mixed" = seeded choice per sample, or one of DOMAINS), n_entities (default 10),
-    n_distractors (default 4, near misses not in the gold)."""
+    """Knobs: domain ("mixed" = seeded choice per sample, or one of DOMAINS), n_entities (default 4),
+    n_distractors (default 2, near misses not in the gold).
+
+    Defaults are calibrated on qwen2.5-coder-0.5b with exact attention at ~1.5K tokens (chat template,
+    greedy, 200 new tokens, n = 3): 36.1 ± 3.9, clearly above chance; with 10 entities and 4
+    distractors the 0.5B model scores 4.5 ± 4.5 (it hallucinates entities and hits the cap), so
+    degradations would be invisible. The study's samples hold many more facts: raise n_entities for
+    larger models and longer prompts (keep max_new_tokens ≥ ~40 × n_entities)."""
 
     name = "text2json"
     description = "Text2JSON-style extraction of N entities x 2 attributes from a long document (IoU metric)"
     metric = "text2json_iou"
 
     domain: str = "mixed"
-    n_entities: int = 10
-    n_distractors: int = 4
+    n_entities: int = 4
+    n_distractors: int = 2
 
     def __post_init__(self):
         if self.domain != "mixed" and self.domain not in DOMAINS:
