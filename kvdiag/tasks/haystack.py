@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from kvdiag.errors import KvdiagError
+from kvdiag.tasks.base import Sample, check_n, counter_name, fit_length, resolve_data_dir, token_counter
 from kvdiag.tasks.prose import split_sentences, stdlib_prose
 
 SUBDIR = "needlebench"
@@ -186,3 +187,36 @@ def keyword_found(keyword: str, prediction: str, case_sensitive: bool) -> bool:
     if case_sensitive:
         return keyword in prediction
     return keyword.casefold() in prediction.casefold()
+
+
+def needle_samples(
+    task, n: int, seed: int, tokenizer, target_tokens: int, depths: list[float], render
+) -> list:
+    """Samples of a needle task (`needle`, `multineedle`): per sample a seeded haystack, one needle per
+    depth, the haystack sized to `target_tokens`; render(context, needles) -> the prompt text."""
+    check_n(n)
+    count = token_counter(tokenizer)
+    out = []
+    for i in range(n):
+        hay = Haystack(resolve_data_dir(task.data_dir), seed=seed * 1_000_003 + i)
+        needles = hay.needles(len(depths))
+
+        def build(k, hay=hay, needles=needles):
+            return render(insert_needles(hay.sentences(k), needles, depths), needles)
+
+        k, prompt, tokens = fit_length(build, count, target_tokens, task.name)
+        gold = [
+            {"depth": d, "keyword": nd.arg2, "needle": nd.needle, "question": nd.retrieval_question}
+            for d, nd in zip(depths, needles, strict=True)
+        ]
+        meta = {
+            "n_facts": len(needles),
+            "depths": list(depths),
+            "target_tokens": target_tokens,
+            "tokens": tokens,
+            "token_counter": counter_name(tokenizer),
+            "haystack": hay.source,
+            "haystack_sentences": k,
+        }
+        out.append(Sample(f"{task.name}-s{seed}-{i}", [{"role": "user", "content": prompt}], gold, meta))
+    return out

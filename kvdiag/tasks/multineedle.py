@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvdiag.errors import KvdiagError
-from kvdiag.tasks.base import Sample, Task, check_n, counter_name, fit_length, resolve_data_dir, token_counter
+from kvdiag.tasks.base import Sample, Task, resolve_data_dir
 from kvdiag.tasks.haystack import (
     PROMPT_MANY,
-    Haystack,
-    insert_needles,
     keyword_found,
     multi_question,
     needle_files,
+    needle_samples,
 )
 
 
@@ -44,34 +43,10 @@ class MultiNeedle(Task):
         return needle_files(resolve_data_dir(self.data_dir)) is not None
 
     def samples(self, n: int, seed: int = 0, tokenizer: Any | None = None, target_tokens: int = 4096):
-        check_n(n)
-        count = token_counter(tokenizer)
-        out = []
-        for i in range(n):
-            hay = Haystack(resolve_data_dir(self.data_dir), seed=seed * 1_000_003 + i)
-            needles = hay.needles(len(self.depths))
-            question = multi_question(needles)
+        def render(context, needles):
+            return PROMPT_MANY.format(context=context, question=multi_question(needles))
 
-            def build(k, hay=hay, needles=needles, question=question):
-                context = insert_needles(hay.sentences(k), needles, self.depths)
-                return PROMPT_MANY.format(context=context, question=question)
-
-            k, prompt, tokens = fit_length(build, count, target_tokens, self.name)
-            gold = [
-                {"depth": d, "keyword": nd.arg2, "needle": nd.needle, "question": nd.retrieval_question}
-                for d, nd in zip(self.depths, needles, strict=True)
-            ]
-            meta = {
-                "n_facts": len(needles),
-                "depths": list(self.depths),
-                "target_tokens": target_tokens,
-                "tokens": tokens,
-                "token_counter": counter_name(tokenizer),
-                "haystack": hay.source,
-                "haystack_sentences": k,
-            }
-            out.append(Sample(f"{self.name}-s{seed}-{i}", [{"role": "user", "content": prompt}], gold, meta))
-        return out
+        return needle_samples(self, n, seed, tokenizer, target_tokens, self.depths, render)
 
     def depth_hits(self, prediction: str, sample: Sample) -> dict[float, bool]:
         """Depth -> whether that needle's keyword is in the output."""

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvdiag.errors import KvdiagError
-from kvdiag.tasks.base import Sample, Task, check_n, counter_name, fit_length, resolve_data_dir, token_counter
-from kvdiag.tasks.haystack import PROMPT_ONE, Haystack, insert_needles, keyword_found, needle_files
+from kvdiag.tasks.base import Sample, Task, resolve_data_dir
+from kvdiag.tasks.haystack import PROMPT_ONE, keyword_found, needle_files, needle_samples
 
 
 @dataclass
@@ -35,37 +35,10 @@ class SingleNeedle(Task):
         return needle_files(resolve_data_dir(self.data_dir)) is not None
 
     def samples(self, n: int, seed: int = 0, tokenizer: Any | None = None, target_tokens: int = 4096):
-        check_n(n)
-        count = token_counter(tokenizer)
-        out = []
-        for i in range(n):
-            hay = Haystack(resolve_data_dir(self.data_dir), seed=seed * 1_000_003 + i)
-            (nd,) = hay.needles(1)
+        def render(context, needles):
+            return PROMPT_ONE.format(context=context, question=needles[0].retrieval_question)
 
-            def build(k, hay=hay, nd=nd):
-                context = insert_needles(hay.sentences(k), [nd], [self.depth])
-                return PROMPT_ONE.format(context=context, question=nd.retrieval_question)
-
-            k, prompt, tokens = fit_length(build, count, target_tokens, self.name)
-            gold = [
-                {
-                    "depth": self.depth,
-                    "keyword": nd.arg2,
-                    "needle": nd.needle,
-                    "question": nd.retrieval_question,
-                }
-            ]
-            meta = {
-                "n_facts": 1,
-                "depths": [self.depth],
-                "target_tokens": target_tokens,
-                "tokens": tokens,
-                "token_counter": counter_name(tokenizer),
-                "haystack": hay.source,
-                "haystack_sentences": k,
-            }
-            out.append(Sample(f"{self.name}-s{seed}-{i}", [{"role": "user", "content": prompt}], gold, meta))
-        return out
+        return needle_samples(self, n, seed, tokenizer, target_tokens, [self.depth], render)
 
     def score(self, prediction: str, sample: Sample) -> float:
         return 100.0 if keyword_found(sample.gold[0]["keyword"], prediction, self.case_sensitive) else 0.0
