@@ -174,6 +174,7 @@ PLOTTERS = {
     "spectrum": "kvdiag.plots:plot_spectrum_run",
     "recall": "kvdiag.recall_plots:plot_recall_run",
     "eval": "kvdiag.eval_plots:plot_eval_run",
+    "reproduce": "kvdiag.reproduce:plot_reproduce_run",
 }
 
 

@@ -390,3 +390,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def plot_reproduce_run(run_dir: str | Path) -> list[Path]:
+    """Redraw the figures of every stage of a `kvdiag reproduce` run from their tables (`kvdiag plot
+    DIR`). The report's study-scores figure is redrawn by running `kvdiag reproduce` again with the
+    same options: every finished stage is reused, only the report is rewritten."""
+    from kvdiag.plots import plot_run
+
+    stages = sorted(p for p in Path(run_dir).iterdir() if p.is_dir() and (p / "manifest.json").exists())
+    if not stages:
+        raise KvdiagError(f"{run_dir} holds no finished stage of a reproduce run")
+    return [path for stage in stages for path in plot_run(stage)]

@@ -199,6 +199,14 @@ def test_reproduce_end_to_end_then_everything_is_reused(tmp_path, monkeypatch, o
     assert "eval_text2json-score_vs_bytes.png" in flat
     assert {p.suffix for p in (tmp_path / "figures").iterdir()} == {".md", ".png"}
 
+    from kvdiag.plots import plot_run
+
+    for figure in (out / "eval_needle" / "figures").iterdir():
+        figure.unlink()
+    redrawn = plot_run(out)  # `kvdiag plot` on the whole reproduce directory redraws every stage
+    assert (out / "eval_needle" / "figures" / "score_vs_budget.png") in redrawn
+    assert {p.parent.parent.name for p in redrawn} >= {"spectrum", "recall", "eval_text2json", "eval_needle"}
+
     def fail(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
