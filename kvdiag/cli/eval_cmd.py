@@ -82,7 +82,8 @@ def register(app: typer.Typer) -> None:
 
         matplotlib.use("Agg")
         from kvdiag.cli.recall_cmd import split_specs
-        from kvdiag.evaluate import parse_task_knobs, run_eval
+        from kvdiag.eval_inputs import parse_task_knobs
+        from kvdiag.evaluate import run_eval
         from kvdiag.recall import parse_budget
 
         specs = split_specs(methods, method)
