@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvdiag.errors import KvdiagError
+from kvdiag.runs import check_writable as check_out  # noqa: F401  (the harness checks --out with it)
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +35,6 @@ RESULT_COLUMNS = [
 def cell_key(sample_id: str, method: str, budget) -> tuple[str, str, str]:
     """What identifies a cell: (sample id, method label, repr of the budget as given)."""
     return (sample_id, method, repr(budget))
-
-
-def check_out(out: Path) -> None:
-    """`out` must be (or be creatable as) a writable directory; nothing is created here."""
-    probe_dir = out
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise KvdiagError(f"--out {out} is not a writable directory ({probe_dir} is a file)")
-    try:
-        probe = probe_dir / f".kvdiag-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise KvdiagError(f"--out {out} is not a writable directory ({err.strerror})") from err
 
 
 def read_predictions(run_dir: str | Path) -> list[dict]:

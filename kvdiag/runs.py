@@ -42,14 +42,28 @@ def write_table(df, path: Path) -> Path:
     return Path(path)
 
 
-def prepare_run_dir(out: str | Path) -> Path:
-    """Create (or reuse) a run directory and check it is writable, before any long work starts."""
+def check_writable(out: str | Path) -> None:
+    """`out` must be (or be creatable as) a writable directory; nothing is created here."""
     out = Path(out).expanduser()
+    probe_dir = out
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise KvdiagError(f"--out {out} is not a writable directory ({probe_dir} is a file)")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".kvdiag-write-test"
+        probe = probe_dir / f".kvdiag-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+    except OSError as err:
+        raise KvdiagError(f"--out {out} is not a writable directory ({err.strerror})") from err
+
+
+def prepare_run_dir(out: str | Path) -> Path:
+    """Create (or reuse) a run directory, checked writable first, before any long work starts."""
+    out = Path(out).expanduser()
+    check_writable(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise KvdiagError(f"--out {out} is not a writable directory ({err.strerror})") from err
     return out
