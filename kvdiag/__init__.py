@@ -13,9 +13,9 @@ _LAZY = {
     "load_model": "kvdiag.models",
     "list_models": "kvdiag.models",
     "capture": "kvdiag.capture",
-    "Trace": "kvdiag.trace",
-    "key_spectrum": "kvdiag.spectrum",
-    "lowrank_damage": "kvdiag.lowrank",
+    "Trace": "kvdiag.capture.trace",
+    "key_spectrum": "kvdiag.analysis.spectrum",
+    "lowrank_damage": "kvdiag.analysis.lowrank",
 }
 
 __all__ = ["__version__", *_LAZY]

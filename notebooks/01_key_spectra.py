@@ -28,12 +28,13 @@ import os
 import matplotlib.pyplot as plt
 import torch
 
+from kvdiag.analysis.lowrank import lowrank_damage, shadowkv_rank
+from kvdiag.analysis.spectrum import key_spectrum
 from kvdiag.capture import capture_prompt
-from kvdiag.lowrank import lowrank_damage, shadowkv_rank
 from kvdiag.models import load_model
-from kvdiag.plots import energy_vs_rank, lowrank_damage_plot, rank_heatmap, style
-from kvdiag.prompts import sample_text
-from kvdiag.spectrum import key_spectrum
+from kvdiag.models.prompts import sample_text
+from kvdiag.plots import style
+from kvdiag.plots.spectrum import energy_vs_rank, lowrank_damage_plot, rank_heatmap
 
 MODEL = "smollm2-135m"
 MAX_TOKENS = int(os.environ.get("KVDIAG_NB_TOKENS", "2048"))

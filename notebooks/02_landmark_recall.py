@@ -22,7 +22,7 @@
 # 2. **chunk landmarks** — one mean key per 8 tokens picks the wrong tokens (*selection loss*),
 #    where one 2-bit quantized landmark per token (YAKV) costs the same GPU bytes.
 #
-# `kvdiag.recall.recall_table` separates the two: for the last prompt positions it compares each
+# `kvdiag.analysis.recall.recall_table` separates the two: for the last prompt positions it compares each
 # method with exact attention, with the method's mask but exact keys (selection loss), and with the
 # oracle's mask but the method's keys (key loss).
 
@@ -31,13 +31,13 @@ import os
 
 import matplotlib.pyplot as plt
 
+from kvdiag.analysis.recall import method_label, recall_table
 from kvdiag.capture import capture_prompt
 from kvdiag.methods import get_method
 from kvdiag.models import load_model
+from kvdiag.models.prompts import sample_text
 from kvdiag.plots import style
-from kvdiag.prompts import sample_text
-from kvdiag.recall import method_label, recall_table
-from kvdiag.recall_plots import error_decomposition, recall_vs_budget
+from kvdiag.plots.recall import error_decomposition, recall_vs_budget
 
 MODEL = "smollm2-135m"
 MAX_TOKENS = int(os.environ.get("KVDIAG_NB_TOKENS", "4096"))

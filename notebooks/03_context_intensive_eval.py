@@ -32,7 +32,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from IPython.display import Image, display
 
-from kvdiag.evaluate import gold_answer_text, run_eval, score_table
+from kvdiag.eval.harness import gold_answer_text, run_eval, score_table
 from kvdiag.models import load_tokenizer
 from kvdiag.tasks import get_task
 

@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 
-from kvdiag import adapter
 from kvdiag.attention import trace_attention_output
 from kvdiag.capture import capture, capture_prompt, resolve_layers
+from kvdiag.capture.rope import apply_rope
+from kvdiag.capture.trace import Trace
 from kvdiag.errors import KvdiagError
-from kvdiag.rope import apply_rope
-from kvdiag.trace import Trace
+from kvdiag.models import adapter
 from tests.conftest import TINY_MODELS
 
 PROMPT = "The ledger lists 17 barometers in Lisbon, 4 sextants in Osaka and 9 looms in Bergen. " * 2

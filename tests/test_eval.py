@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 import kvdiag.cli
-import kvdiag.evaluate as evaluate
+import kvdiag.eval.harness as evaluate
 from kvdiag.errors import KvdiagError
-from kvdiag.evaluate import gold_answer_text, parse_task_knobs, run_eval, score_table
+from kvdiag.eval.harness import gold_answer_text, parse_task_knobs, run_eval, score_table
 from kvdiag.tasks import get_task
 
 if not kvdiag.cli.app.registered_commands:
@@ -259,7 +259,7 @@ def test_cli_eval_and_tasks(tmp_path):
 
 
 def test_a_method_may_carry_its_own_budget():
-    from kvdiag.evaluate import resolve_runs, split_method_budget
+    from kvdiag.eval.harness import resolve_runs, split_method_budget
     from kvdiag.methods import get_method
 
     assert split_method_budget("shadowkv@1.5625%") == ("shadowkv", 0.015625)
@@ -320,7 +320,7 @@ def test_cells_follow_each_methods_own_budgets(tmp_path):
 def shared_equals_plain(model, tokenizer, text: str, new_tokens: int) -> None:
     """Exact and oracle at the full budget from a shared prefill of prompt[:-1] give the tokens that
     plain `model.generate` gives from scratch."""
-    from kvdiag.evaluate import eos_token_ids, generate_cell, prefill_prompt
+    from kvdiag.eval.harness import eos_token_ids, generate_cell, prefill_prompt
     from kvdiag.methods import get_method
 
     ids = tokenizer(text, return_tensors="pt").input_ids
@@ -347,7 +347,7 @@ def test_shared_prefill_generates_what_plain_generate_does_on_tiny_llama(tiny):
 
 @pytest.mark.slow
 def test_shared_prefill_generates_what_plain_generate_does_on_smollm2(smollm2):
-    from kvdiag.prompts import sample_text
+    from kvdiag.models.prompts import sample_text
 
     model, tokenizer = smollm2
     text = tokenizer.decode(tokenizer(sample_text()).input_ids[:300])

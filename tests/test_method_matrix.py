@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvdiag.analysis.recall import recall_table
 from kvdiag.capture import capture_prompt
 from kvdiag.methods import get_method, method_names
-from kvdiag.recall import recall_table
-from kvdiag.simulate import simulate
+from kvdiag.offload.simulate import simulate
 from tests.conftest import TINY_MODELS
 
 PROMPT = "Record R-0006: Zofia Romano (beekeeper, Lisbon) - 94 barometers, filed 2014. " * 6

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from kvdiag.capture.rope import apply_rope
 from kvdiag.errors import KvdiagError
 from kvdiag.methods import get_method, list_methods, parse_method_spec
 from kvdiag.methods.base import LayerKV, resolve_budget
-from kvdiag.rope import apply_rope
 
 # --- fixtures and numpy references ----------------------------------------------------------------
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from kvdiag.capture.rope import apply_rope
 from kvdiag.errors import KvdiagError
 from kvdiag.methods.arkvale import ArkVale
 from kvdiag.methods.base import LayerKV
 from kvdiag.methods.infinigen import InfiniGen
 from kvdiag.methods.lrqk import LRQK, lrqk_prefill
-from kvdiag.rope import apply_rope
 
 
 def make_layer(n_kv=2, group=2, n_tokens=96, d=8, seed=0, layer_idx=4, dtype=torch.float32) -> LayerKV:

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from kvdiag import adapter
 from kvdiag.errors import KvdiagError
 from kvdiag.models import (
     OFFLINE_MODELS,
     TINY_MODELS,
+    adapter,
     describe_model,
     known_models,
     list_models,
@@ -169,6 +169,6 @@ def test_byte_tokenizer_round_trips_unicode_and_adds_bos(tiny):
 def test_byte_tokenizer_ids_are_the_same_in_another_process(tiny):
     _, tokenizer = tiny("tiny-llama")
     text = "The quick brown fox, 0123456789!"
-    code = f"from kvdiag.models import _byte_tokenizer; print(_byte_tokenizer()({text!r}).input_ids)"
+    code = f"from kvdiag.models.tiny import _byte_tokenizer; print(_byte_tokenizer()({text!r}).input_ids)"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert other.stdout.strip() == str(tokenizer(text).input_ids)

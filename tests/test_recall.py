@@ -1,6 +1,6 @@
-"""kvdiag.recall and `kvdiag recall`: metrics against written-out numpy references on hand-built traces.
+"""kvdiag.analysis.recall and `kvdiag recall`: metrics against written-out numpy references on hand-built traces.
 
-References never call kvdiag.recall: exact top-k by numpy argsort, set intersections, softmax over
+References never call kvdiag.analysis.recall: exact top-k by numpy argsort, set intersections, softmax over
 the attended set written out per query position and head. Method masks, keys and values come from
 the methods themselves (they are tested elsewhere); what is checked here is what recall does with them.
 """
@@ -15,11 +15,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from kvdiag.analysis.recall import context_layer, recall_table
+from kvdiag.capture.rope import apply_rope
+from kvdiag.capture.trace import Trace
 from kvdiag.errors import KvdiagError
 from kvdiag.methods import get_method, list_methods
-from kvdiag.recall import context_layer, recall_table
-from kvdiag.rope import apply_rope
-from kvdiag.trace import Trace
 
 ATOL = 1e-5
 

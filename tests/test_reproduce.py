@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import kvdiag.cli
 from kvdiag.errors import KvdiagError
-from kvdiag.report import FAILS, HOLDS, UNSURE, claim1, claim2, claim3, markdown_table
+from kvdiag.study.report import FAILS, HOLDS, UNSURE, claim1, claim2, claim3, markdown_table
 
 if not kvdiag.cli.app.registered_commands:
     kvdiag.cli._register()
@@ -142,7 +142,7 @@ def one_thread():
 
 
 def tiny_config():
-    from kvdiag.reproduce import ReproduceConfig, TaskPlan
+    from kvdiag.study.reproduce import ReproduceConfig, TaskPlan
 
     # tiny-llama's byte tokenizer: ~1000 tokens is the shortest prompt these tasks fit in
     return ReproduceConfig(
@@ -155,10 +155,10 @@ def tiny_config():
 
 
 def test_reproduce_end_to_end_then_everything_is_reused(tmp_path, monkeypatch, one_thread):
-    import kvdiag.evaluate
-    import kvdiag.recall
-    import kvdiag.spectrum
-    from kvdiag.reproduce import run_reproduce
+    import kvdiag.analysis.recall
+    import kvdiag.analysis.spectrum
+    import kvdiag.eval.harness
+    from kvdiag.study.reproduce import run_reproduce
 
     out, said = tmp_path / "rep", []
     result = run_reproduce("tiny-llama", out, config=tiny_config(), progress=False, echo=said.append,
@@ -210,8 +210,8 @@ def test_reproduce_end_to_end_then_everything_is_reused(tmp_path, monkeypatch, o
     def fail(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    for module, name in [(kvdiag.spectrum, "run_spectrum"), (kvdiag.recall, "run_recall"),
-                         (kvdiag.evaluate, "run_eval")]:  # fmt: skip
+    for module, name in [(kvdiag.analysis.spectrum, "run_spectrum"), (kvdiag.analysis.recall, "run_recall"),
+                         (kvdiag.eval.harness, "run_eval")]:  # fmt: skip
         monkeypatch.setattr(module, name, fail)
     said.clear()
     again = run_reproduce("tiny-llama", out, config=tiny_config(), progress=False, echo=said.append)

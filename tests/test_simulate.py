@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvdiag import adapter
 from kvdiag.errors import KvdiagError
 from kvdiag.methods import get_method
-from kvdiag.simulate import simulate
+from kvdiag.models import adapter
+from kvdiag.offload.simulate import simulate
 from tests.conftest import TINY_MODELS
 
 PROMPT = "The ledger lists 17 barometers in Lisbon, 4 sextants in Osaka and 9 looms in Bergen. " * 3
@@ -99,7 +99,7 @@ def test_bad_inputs(tiny):
 
 
 def test_teacher_forced_fidelity_is_zero_for_exact_and_positive_for_a_lossy_method(smollm2):
-    from kvdiag.fidelity import teacher_forced_fidelity
+    from kvdiag.eval.fidelity import teacher_forced_fidelity
 
     model, tokenizer = smollm2
     ids = tokenizer(PROMPT * 2, return_tensors="pt").input_ids

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from kvdiag.analysis.lowrank import TOPK_FRACTION, default_ranks, lowrank_damage, rebuild_keys, shadowkv_rank
+from kvdiag.analysis.spectrum import cumulative_energy, effective_rank, key_spectrum, rank_for_energy
 from kvdiag.capture import capture_prompt
-from kvdiag.lowrank import TOPK_FRACTION, default_ranks, lowrank_damage, rebuild_keys, shadowkv_rank
-from kvdiag.spectrum import cumulative_energy, effective_rank, key_spectrum, rank_for_energy
 
 PROMPT = (
     "Record R-0007: Hana Okafor (luthier, Bergen) - 41 metronomes, filed 1988. "
@@ -214,7 +214,7 @@ def test_energy_figure_names_the_true_channel_count_for_short_prompts(tiny):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kvdiag.plots import energy_vs_rank
+    from kvdiag.plots.spectrum import energy_vs_rank
 
     model, tokenizer = tiny("tiny-llama")
     short = capture_prompt(model, tokenizer, "short one")  # 10 tokens < H_kv·d = 32 channels

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 OPS = ("attention_output", "topk_tokens")
-TOPK_FRACTION = 2048 / 131072  # 1.5625 %, as kvdiag.lowrank
+TOPK_FRACTION = 2048 / 131072  # 1.5625 %, as kvdiag.analysis.lowrank
 
 
 def _status_kib(field: str) -> int:

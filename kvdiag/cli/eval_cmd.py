@@ -81,10 +81,10 @@ def register(app: typer.Typer) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
+        from kvdiag.analysis.recall import parse_budget
         from kvdiag.cli.recall_cmd import split_specs
-        from kvdiag.eval_inputs import parse_task_knobs
-        from kvdiag.evaluate import run_eval
-        from kvdiag.recall import parse_budget
+        from kvdiag.eval.harness import run_eval
+        from kvdiag.eval.inputs import parse_task_knobs
 
         specs = split_specs(methods, method)
         budget_list = [parse_budget(b) for b in budgets.split(",") if b.strip()]

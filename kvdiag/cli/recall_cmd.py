@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
-        from kvdiag.recall import parse_budget, run_recall
+        from kvdiag.analysis.recall import parse_budget, run_recall
 
         specs = split_specs(methods, method)
         budget_list = [parse_budget(b) for b in budgets.split(",") if b.strip()]

@@ -20,7 +20,7 @@ Examples:
   kvdiag reproduce --quick --out runs/reproduce --figures-dir figures   # + export report and PNGs
   kvdiag reproduce --model meta-llama/Llama-3.2-3B-Instruct --device cuda
       --data-dir /data --out runs/llama3b                 # full mode, for a GPU
-  python -m kvdiag.reproduce --export runs/reproduce figures   # export only
+  python -m kvdiag.study.reproduce --export runs/reproduce figures   # export only
 """
 
 
@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
-        from kvdiag.reproduce import run_reproduce
+        from kvdiag.study.reproduce import run_reproduce
 
         result = run_reproduce(
             model or "qwen2.5-coder-0.5b", out, quick=quick, device=device, data_dir=data_dir, n=n,

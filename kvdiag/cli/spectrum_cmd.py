@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
-        from kvdiag.spectrum import run_spectrum
+        from kvdiag.analysis.spectrum import run_spectrum
 
         result = run_spectrum(
             model, out, prompt=text, prompt_file=prompt_file, layers=layers, device=device, dtype=dtype,

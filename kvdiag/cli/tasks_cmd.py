@@ -32,7 +32,9 @@ def register(app: typer.Typer) -> None:
             if row["data_found"]:
                 found = "found"
             elif row["name"] in ("needle", "multineedle"):
-                found = "not found: uses the built-in haystack and generated needles (--data-dir for NeedleBench)"
+                found = (
+                    "not found: uses the built-in haystack and generated needles (--data-dir for NeedleBench)"
+                )
             else:
                 found = "not found: pass --data-dir or set KVDIAG_DATA_DIR"
             typer.echo(

@@ -1,7 +1,7 @@
 """The one contract every offloading / sparse-attention method implements (see DESIGN.md).
 
 A method is a dataclass whose fields are its knobs, each defaulting to the upstream value. Analyses
-(`kvdiag.recall`), the accuracy simulator (`kvdiag.simulate`) and the offload runtime use the same
+(`kvdiag.analysis.recall`), the accuracy simulator (`kvdiag.offload.simulate`) and the offload runtime use the same
 objects, so they agree by construction.
 
 Decode semantics. The index is built once on a prompt of L tokens (`build`). Each decode step brings
@@ -32,7 +32,7 @@ class LayerKV:
     k_post:  [H_kv, L, d] keys after RoPE (what exact attention uses)
     v:       [H_kv, L, d] values
     cos/sin: [L, d] the model's own rotary tables at the prompt positions:
-             `kvdiag.rope.apply_rope(k_pre, cos, sin)` reproduces k_post
+             `kvdiag.capture.rope.apply_rope(k_pre, cos, sin)` reproduces k_post
     scaling: softmax scale of the model's attention (1/sqrt(d) for Llama/Qwen)
     q:       [H_q, L, d] post-RoPE prompt queries, or None (methods that calibrate on prompt
              queries, LRQK and InfiniGen, need it)

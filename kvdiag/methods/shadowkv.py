@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from kvdiag.capture.rope import apply_rope
 from kvdiag.errors import KvdiagError
 from kvdiag.methods._scoring import (
     BF16_BYTES,
@@ -27,7 +28,6 @@ from kvdiag.methods._scoring import (
     topk_mask,
 )
 from kvdiag.methods.base import LayerKV, Method, Selection, resolve_budget
-from kvdiag.rope import apply_rope
 
 
 @dataclass
@@ -73,7 +73,7 @@ class ShadowKV(Method):
     similarity between the chunk mean and its keys, kept exact on the GPU and removed from the
     landmarks. Decode: score = softmax over landmarks of q·l/√d per query head, max over the G query
     heads; top budget // chunk chunks per KV head; their keys rebuilt as U[pos]·SV[head] and
-    re-rotated at their positions (`kvdiag.rope.apply_rope`), values fetched exact.
+    re-rotated at their positions (`kvdiag.capture.rope.apply_rope`), values fetched exact.
 
     Rank rule: `rank` is given for `rank_channels` (1024) KV channels and scales with the layer's
     H_kv·d: r = round(rank · H_kv·d / rank_channels), e.g. 160 → 80 at 512 channels, 30 at 192 (see

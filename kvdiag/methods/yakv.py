@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from kvdiag.capture.rope import apply_rope
 from kvdiag.errors import KvdiagError
 from kvdiag.methods._scoring import (
     check_choice,
@@ -24,7 +25,6 @@ from kvdiag.methods._scoring import (
     topk_mask,
 )
 from kvdiag.methods.base import LayerKV, Method, Selection, resolve_budget
-from kvdiag.rope import apply_rope
 
 SCORINGS = ("simulator", "runtime")
 DEFAULT_KV_QUANT = {"simulator": "higgs:EDEN2-256:row", "runtime": "fp8_e4m3"}

@@ -81,7 +81,7 @@ def read_prompt(prompt_file: str | Path | None, text: str | None) -> str:
 
 
 def context_length(model) -> int | None:
-    from kvdiag.adapter import config_shapes
+    from kvdiag.models.adapter import config_shapes
 
     return config_shapes(model.config)["context_length"]
 

@@ -2,11 +2,11 @@
 
     with capture(model, layers=[0, 5]) as rec:
         model(input_ids)
-    trace = rec.trace()          # kvdiag.trace.Trace
+    trace = rec.trace()          # kvdiag.capture.trace.Trace
 
 or in one call: `trace = capture_prompt(model, tokenizer, "some text", layers="all")`.
 
-How: the model's attention runs through `kvdiag.adapter.attention_override`, which sees the
+How: the model's attention runs through `kvdiag.models.adapter.attention_override`, which sees the
 post-RoPE queries and keys and the values exactly as attention does (and the attention output, with
 `outputs=True`); forward hooks on `k_proj` and `k_norm` give the keys before RoPE; a forward
 pre-hook on each attention module gives the rotary tables the model used. Everything is removed on
@@ -22,9 +22,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from kvdiag import adapter
+from kvdiag.capture.trace import Trace
 from kvdiag.errors import KvdiagError
-from kvdiag.trace import Trace
+from kvdiag.models import adapter
 
 
 def resolve_layers(layers: str | Sequence[int] | None, n_layers: int) -> list[int]:
@@ -138,7 +138,7 @@ def recording_hooks(model, rec: Recorder) -> Iterator[None]:
     """Install the hooks that give `rec` the pre-RoPE keys, rotary tables and input ids; removed on exit.
 
     The post-RoPE q/k/v come from the attention function: call `rec.on_attention` from an
-    `adapter.attention_override` wrapper (as `capture` and `kvdiag.simulate` do).
+    `adapter.attention_override` wrapper (as `capture` and `kvdiag.offload.simulate` do).
     """
     attn_modules = adapter.attention_modules(model)
     handles = []
@@ -231,7 +231,7 @@ def capture_prompt(
     store_device: str | None = None,
 ) -> Trace:
     """Tokenize `prompt` (or take `input_ids` [1, L]), run one forward pass and return its Trace."""
-    from kvdiag.prompts import tokenize_prompt
+    from kvdiag.models.prompts import tokenize_prompt
 
     if input_ids is None:
         input_ids = tokenize_prompt(tokenizer, prompt, model=model, chat=chat, max_tokens=max_tokens)

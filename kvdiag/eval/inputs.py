@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvdiag.errors import KvdiagError, unknown_name_error
-from kvdiag.eval_store import EXACT
+from kvdiag.eval.store import EXACT
 from kvdiag.methods import Method
 
 
@@ -66,7 +66,7 @@ class MethodRun:
 
 def split_method_budget(item) -> tuple[Method | str, float | int | None]:
     """ "spec@budget" / (method, budget) / spec / Method -> (spec or Method, budget or None)."""
-    from kvdiag.recall import parse_budget
+    from kvdiag.analysis.recall import parse_budget
 
     if isinstance(item, tuple):
         if len(item) != 2:
@@ -84,8 +84,8 @@ def resolve_runs(methods, budgets: Sequence[float | int]) -> list[MethodRun]:
     (exact always runs, as plain generation), so [] or ["exact"] mean an exact-only run; None = every
     registered method but exact, each at every budget. A method may appear several times with its own
     budgets; the same (label, budget) twice is an error."""
+    from kvdiag.analysis.recall import check_budget, default_methods, method_label
     from kvdiag.methods import parse_method_spec
-    from kvdiag.recall import check_budget, default_methods, method_label
 
     runs: dict[str, MethodRun] = {}
     for item in default_methods() if methods is None else methods:

@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from kvdiag.attention import iter_logits
+from kvdiag.capture.rope import apply_rope
 from kvdiag.errors import KvdiagError
-from kvdiag.rope import apply_rope
 
 SHADOWKV_RANK, SHADOWKV_CHANNELS = 160, 1024
 TOPK_FRACTION = 2048 / 131072  # 1.5625 %

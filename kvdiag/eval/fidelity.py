@@ -18,11 +18,11 @@ import copy
 import pandas as pd
 import torch
 
-from kvdiag import adapter
 from kvdiag.capture import capture
 from kvdiag.errors import KvdiagError
 from kvdiag.methods.base import Method
-from kvdiag.simulate import simulate
+from kvdiag.models import adapter
+from kvdiag.offload.simulate import simulate
 
 
 def _continue(model, cache, answer_inputs: torch.Tensor) -> torch.Tensor:

@@ -333,8 +333,8 @@ def write_report(out: str | Path, info: dict) -> Path:
     (model, family, quick, device, html2tsv_task, config, roles, tasks, recall_roles, outlier_chunks)."""
     import json
 
-    from kvdiag.eval_plots import plot_study_scores
-    from kvdiag.eval_store import score_table
+    from kvdiag.eval.store import score_table
+    from kvdiag.plots.eval import plot_study_scores
 
     out = Path(out)
     scores = {
@@ -365,7 +365,7 @@ def write_report(out: str | Path, info: dict) -> Path:
         f"Verdicts: a method *loses* when its mean ± 1 stderr interval lies below exact's and it is more than "
         f"{TOLERANCE:g} points below; *lossless* when at most {TOLERANCE:g} points below; n = 1 has no "
         "error bar, so it never counts as a loss; where exact itself scores at most "
-        f"{TOLERANCE:g} (*floor*) there is nothing to lose (see `kvdiag.report`).",
+        f"{TOLERANCE:g} (*floor*) there is nothing to lose (see `kvdiag.study.report`).",
         "",
         _figure(out, "figures/study_scores.png", "scores of the study's configurations per task"),
         "## Configuration",

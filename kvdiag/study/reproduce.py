@@ -1,6 +1,6 @@
 """`kvdiag reproduce`: the study of arXiv 2604.08426 on one model, end to end, resumable.
 
-    from kvdiag.reproduce import run_reproduce
+    from kvdiag.study.reproduce import run_reproduce
     run_reproduce("qwen2.5-coder-0.5b", "runs/reproduce", quick=True)   # CPU, ~15-20 min
     # runs/reproduce/report.md, its figures, and one sub-run directory per stage
 
@@ -11,7 +11,7 @@ Stages, each its own run directory under `out` (`kvdiag plot` redraws any of the
 - eval_<task>/     `run_eval` for text2json, multineedle, html2tsv (LongProc's real pages when the
                    data is found, else html2tsv_synthetic; the report says which) and needle, each with
                    exact and the study's configurations at their budgets (`study_methods`).
-Then report.md (`kvdiag.report`): configuration, per-task tables, the recall table at the study's
+Then report.md (`kvdiag.study.report`): configuration, per-task tables, the recall table at the study's
 budgets, figures, and **Findings**, one verdict per claim of the study.
 
 The study's configurations (reference/METHODS.md): ShadowKV defaults at 1.5625 % and at 15.625 %
@@ -130,7 +130,7 @@ class StudyMethod:
 
     @property
     def label(self) -> str:
-        from kvdiag.recall import method_label
+        from kvdiag.analysis.recall import method_label
 
         return method_label(self.method)
 
@@ -206,15 +206,15 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     quick: `quick_config()` (CPU) instead of `full_config()`; config: an explicit configuration
     (overrides quick); n: samples per task (overrides the configuration's); data_dir: the folder
     holding the tasks' data (LongProc HTML→TSV, NeedleBench); figures_dir: also export the report and
-    its PNGs there (`kvdiag.report.export_report`). echo: where the per-stage progress lines go.
+    its PNGs there (`kvdiag.study.report.export_report`). echo: where the per-stage progress lines go.
     Returns {"out", "report", "stages": {name: seconds or "skipped"}, "seconds"}.
     """
-    from kvdiag.eval_store import check_out
-    from kvdiag.evaluate import _context_length
+    from kvdiag.analysis.recall import check_budget, method_label
+    from kvdiag.eval.harness import _context_length
+    from kvdiag.eval.store import check_out
     from kvdiag.models import resolve_device
-    from kvdiag.recall import check_budget, method_label
-    from kvdiag.report import export_report, write_report
     from kvdiag.runs import write_manifest
+    from kvdiag.study.report import export_report, write_report
 
     start = time.perf_counter()
     custom = config is not None
@@ -286,12 +286,12 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     analysis = {"model": model, "device": device, "max_tokens": config.analysis_tokens,
                 "prompt": "text2json sample 0 (seed 0)", "knobs": config.analysis_knobs}  # fmt: skip
 
-    from kvdiag.spectrum import run_spectrum
+    from kvdiag.analysis.spectrum import run_spectrum
 
     stage("spectrum", analysis, "manifest.json", lambda: run_spectrum(
         model, out / "spectrum", prompt=text, device=device, max_tokens=config.analysis_tokens))  # fmt: skip
 
-    from kvdiag.recall import run_recall
+    from kvdiag.analysis.recall import run_recall
 
     n_layers = _n_layers(model)
     stride = config.recall_layer_stride
@@ -304,7 +304,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
         model, out / "recall", methods=recall_methods, budgets=recall_budgets, layers=layers, prompt=text,
         n_queries=config.recall_queries, device=device, max_tokens=config.analysis_tokens))  # fmt: skip
 
-    from kvdiag.evaluate import run_eval
+    from kvdiag.eval.harness import run_eval
 
     roles = {}
     for plan in plans:
@@ -358,7 +358,7 @@ def _n_layers(model: str) -> int:
         return int(describe_model(model)["layers"])
     from transformers import AutoConfig
 
-    from kvdiag.adapter import config_shapes
+    from kvdiag.models.adapter import config_shapes
 
     return int(config_shapes(AutoConfig.from_pretrained(model))["layers"])
 
@@ -375,12 +375,12 @@ def _analysis_prompt(model: str, tokens: int, knobs: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kvdiag.reproduce --export RUN_DIR DEST`: copy a reproduce run's report and PNGs."""
+    """`python -m kvdiag.study.reproduce --export RUN_DIR DEST`: copy a reproduce run's report and PNGs."""
     import argparse
 
-    from kvdiag.report import export_report
+    from kvdiag.study.report import export_report
 
-    parser = argparse.ArgumentParser(prog="python -m kvdiag.reproduce")
+    parser = argparse.ArgumentParser(prog="python -m kvdiag.study.reproduce")
     parser.add_argument("--export", nargs=2, metavar=("RUN_DIR", "DEST"), required=True)
     args = parser.parse_args(argv)
     paths = export_report(*args.export)
@@ -390,15 +390,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def plot_reproduce_run(run_dir: str | Path) -> list[Path]:
-    """Redraw the figures of every stage of a `kvdiag reproduce` run from their tables (`kvdiag plot
-    DIR`). The report's study-scores figure is redrawn by running `kvdiag reproduce` again with the
-    same options: every finished stage is reused, only the report is rewritten."""
-    from kvdiag.plots import plot_run
-
-    stages = sorted(p for p in Path(run_dir).iterdir() if p.is_dir() and (p / "manifest.json").exists())
-    if not stages:
-        raise KvdiagError(f"{run_dir} holds no finished stage of a reproduce run")
-    return [path for stage in stages for path in plot_run(stage)]

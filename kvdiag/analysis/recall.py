@@ -376,10 +376,10 @@ def run_recall(model: str, out, methods: Sequence[Method | str] | None = None, b
     """
     import time
 
-    from kvdiag.adapter import config_shapes
     from kvdiag.capture import capture_prompt, resolve_layers
     from kvdiag.models import load_model, resolve_device
-    from kvdiag.prompts import read_prompt, tokenize_prompt
+    from kvdiag.models.adapter import config_shapes
+    from kvdiag.models.prompts import read_prompt, tokenize_prompt
     from kvdiag.runs import staged_run_dir, write_manifest, write_table
 
     start = time.perf_counter()
@@ -434,7 +434,7 @@ def run_recall(model: str, out, methods: Sequence[Method | str] | None = None, b
         }  # fmt: skip
         write_manifest(stage, "recall", config, extra)
         if figures:
-            from kvdiag.recall_plots import plot_recall_run
+            from kvdiag.plots.recall import plot_recall_run
 
             plot_recall_run(stage)
     out = Path(out).expanduser()

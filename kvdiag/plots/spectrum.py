@@ -1,52 +1,17 @@
-"""Figures drawn from saved tables (never from live state), so `kvdiag plot RUN_DIR` redraws them.
-
-Every figure is saved as PNG (dpi 200) and PDF (byte-stable: no creation date; set
-SOURCE_DATE_EPOCH for other metadata) under RUN_DIR/figures/.
-"""
+"""Figures of a `kvdiag spectrum` run: energy vs rank, rank heatmap, low-rank damage."""
 
 from __future__ import annotations
 
-import contextlib
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from kvdiag.analysis.lowrank import SHADOWKV_CHANNELS, SHADOWKV_RANK
 from kvdiag.errors import KvdiagError
-from kvdiag.lowrank import SHADOWKV_CHANNELS, SHADOWKV_RANK
+from kvdiag.plots import run_config, save_figure, style
 
 STAGE_TITLES = {"pre_rope": "pre-RoPE keys", "post_rope": "post-RoPE keys"}
-
-
-@contextlib.contextmanager
-def style():
-    """kvdiag's packaged matplotlib style."""
-    import matplotlib.pyplot as plt
-
-    with plt.style.context(str(files("kvdiag").joinpath("kvdiag.mplstyle"))):
-        yield
-
-
-def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
-    """Save `fig` as name.png and name.pdf in out_dir (atomically) and close it."""
-    import matplotlib.pyplot as plt
-
-    from kvdiag.runs import atomic_write_bytes
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("png", "pdf"):
-        import io
-
-        buffer = io.BytesIO()
-        metadata = {"CreationDate": None} if ext == "pdf" else {"Software": None}
-        fig.savefig(buffer, format=ext, metadata=metadata)
-        path = out_dir / f"{name}.{ext}"
-        atomic_write_bytes(path, buffer.getvalue())
-        paths.append(path)
-    plt.close(fig)
-    return paths
 
 
 def energy_vs_rank(spectrum: pd.DataFrame, title: str = "", channels: int | None = None):
@@ -134,14 +99,6 @@ def lowrank_damage_plot(damage: pd.DataFrame, title: str = ""):
     return fig
 
 
-def run_config(run_dir: Path) -> dict:
-    """The `config` of a run directory's manifest ({} when there is none), for figure titles."""
-    import json
-
-    manifest = Path(run_dir) / "manifest.json"
-    return json.loads(manifest.read_text()).get("config", {}) if manifest.exists() else {}
-
-
 def _title(run_dir: Path) -> str:
     config = run_config(run_dir)
     return f"{config.get('model', '')}, {config.get('n_tokens', '?')} tokens" if config else ""
@@ -167,29 +124,3 @@ def plot_spectrum_run(run_dir: str | Path) -> list[Path]:
             damage = pd.read_parquet(run_dir / "lowrank_damage.parquet")
             paths += save_figure(lowrank_damage_plot(damage, title), out, "lowrank_damage")
     return paths
-
-
-# run kind (manifest "command") -> "module:function" drawing that run's figures from its tables
-PLOTTERS = {
-    "spectrum": "kvdiag.plots:plot_spectrum_run",
-    "recall": "kvdiag.recall_plots:plot_recall_run",
-    "eval": "kvdiag.eval_plots:plot_eval_run",
-    "reproduce": "kvdiag.reproduce:plot_reproduce_run",
-}
-
-
-def plot_run(run_dir: str | Path) -> list[Path]:
-    """Redraw the figures of any kvdiag run directory (the kind is read from its manifest)."""
-    import json
-
-    run_dir = Path(run_dir)
-    manifest = run_dir / "manifest.json"
-    if not manifest.exists():
-        raise KvdiagError(f"{run_dir} has no manifest.json; is it a kvdiag run directory?")
-    command = json.loads(manifest.read_text()).get("command")
-    if command not in PLOTTERS:
-        raise KvdiagError(f"no figures known for runs of {command!r}; known: {', '.join(PLOTTERS)}")
-    import importlib
-
-    module, function = PLOTTERS[command].split(":")
-    return getattr(importlib.import_module(module), function)(run_dir)

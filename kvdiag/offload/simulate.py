@@ -17,7 +17,7 @@ What happens, per attention call (routed through `adapter.attention_override`, r
 
 Layers with a sliding window (Gemma3's local layers) attend exactly: their window is already a
 small resident set. Batch size 1. Scores and softmax in float32, output in the model's dtype.
-Because `kvdiag.recall` uses the same Method objects and the same split (index on the prompt,
+Because `kvdiag.analysis.recall` uses the same Method objects and the same split (index on the prompt,
 exact tail), the simulator and the recall analysis agree by construction.
 """
 
@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvdiag import adapter
 from kvdiag.capture import Recorder, recording_hooks, resolve_layers
 from kvdiag.errors import KvdiagError
 from kvdiag.methods.base import Method, resolve_budget
+from kvdiag.models import adapter
 
 
 @dataclass
@@ -64,7 +64,7 @@ class SimulationState:
 
     def load_prompt(self, trace) -> None:
         """Take the prompt from an existing Trace instead of recording a prefill: the caller then
-        continues from a copy of that prefill's cache (see `kvdiag.fidelity`)."""
+        continues from a copy of that prefill's cache (see `kvdiag.eval.fidelity`)."""
         missing = sorted(self.layers - set(trace.layers))
         if missing:
             raise KvdiagError(f"the prompt trace lacks layers {missing}; capture them all")

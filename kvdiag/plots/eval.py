@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from kvdiag.errors import KvdiagError
-from kvdiag.eval_store import EXACT, RESULTS, score_table
+from kvdiag.eval.store import EXACT, RESULTS, score_table
 from kvdiag.plots import save_figure, style
-from kvdiag.recall_plots import _colors, _percent_ticks
+from kvdiag.plots.recall import _colors, _percent_ticks
 
 
 def _title(run_dir: Path) -> tuple[str, str]:

@@ -111,11 +111,11 @@ def run_spectrum(
     """
     import time
 
-    from kvdiag.adapter import config_shapes
+    from kvdiag.analysis.lowrank import lowrank_damage
     from kvdiag.capture import capture_prompt, resolve_layers
-    from kvdiag.lowrank import lowrank_damage
     from kvdiag.models import load_model, resolve_device
-    from kvdiag.prompts import read_prompt, tokenize_prompt
+    from kvdiag.models.adapter import config_shapes
+    from kvdiag.models.prompts import read_prompt, tokenize_prompt
     from kvdiag.runs import staged_run_dir, write_manifest, write_table
 
     start = time.perf_counter()
@@ -141,7 +141,7 @@ def run_spectrum(
         }  # fmt: skip
         write_manifest(stage, "spectrum", config, {"shapes": trace.meta["shapes"]})
         if figures:
-            from kvdiag.plots import plot_spectrum_run
+            from kvdiag.plots.spectrum import plot_spectrum_run
 
             plot_spectrum_run(stage)
     out = Path(out).expanduser()

@@ -1,7 +1,7 @@
 """The benchmark harness: generate answers to a task's samples with exact attention and with each
 offloading method × budget in the simulator, score them, and keep everything resumable.
 
-    from kvdiag.evaluate import run_eval, score_table
+    from kvdiag.eval.harness import run_eval, score_table
     run_eval("qwen2.5-coder-0.5b", "text2json", "runs/t2j",
              methods=["oracle", "shadowkv:rank=320", "shadowkv@15.625%", "yakv@0.03125"],
              budgets=[0.03125, 0.0625], n=3, target_tokens=1500, max_new_tokens=256,
@@ -9,7 +9,7 @@ offloading method × budget in the simulator, score them, and keep everything re
     score_table("runs/t2j")        # mean score ± stderr per method × budget
 
 Methods are specs ("name" or "name:knob=value,..."), `Method` objects, or either paired with its own
-budget: "spec@budget" (budget as in `kvdiag.recall.parse_budget`: "0.015625", "1.5625%", "2048") or
+budget: "spec@budget" (budget as in `kvdiag.analysis.recall.parse_budget`: "0.015625", "1.5625%", "2048") or
 a (method, budget) tuple. A method with its own budget runs only at it; the others run at every value
 of `budgets`. A *cell* is one (sample, method label, budget); the reference `exact` is one cell per
 sample with budget 1.0. Decoding is pure greedy (`do_sample=False`, one beam, repetition penalties of
@@ -27,14 +27,14 @@ query that produces the first generated token, and the last prompt token itself 
 L − 1, all the indexed ones). The exact cells take the same path without the simulator: the same
 tokens as plain `model.generate` (tests/test_reproduce.py checks it).
 
-Run directory (`kvdiag.eval_store`): predictions.jsonl (one line per finished cell, appended at once,
+Run directory (`kvdiag.eval.store`): predictions.jsonl (one line per finished cell, appended at once,
 so an interrupted run loses nothing written; a re-run with the same `out` skips the cells already
 there, and a run whose config differs from `manifest.json`'s is refused, naming the differing keys),
 results.parquet (the tidy table, columns `RESULT_COLUMNS`, plus `metric_*` for tasks with several
 metrics), manifest.json (config, each method's knobs and budgets, versions, seed) and figures/ (see
-`kvdiag.eval_plots`).
+`kvdiag.plots.eval`).
 
-Fidelity (`kvdiag.fidelity.teacher_forced_fidelity`) teacher-forces the gold answer, serialised as
+Fidelity (`kvdiag.eval.fidelity.teacher_forced_fidelity`) teacher-forces the gold answer, serialised as
 the task expects it (`gold_answer_text`), once per sample for all its pending method cells (its own
 exact prefill of the whole prompt): mean KL (exact ‖ method) in nats and top-1 agreement over the
 answer tokens. The exact rows have KL 0 and agreement 1 by definition.
@@ -61,13 +61,13 @@ from pathlib import Path
 from typing import Any
 
 from kvdiag.errors import KvdiagError, unknown_name_error
-from kvdiag.eval_inputs import (  # noqa: F401  (re-exported: the harness's public names)
+from kvdiag.eval.inputs import (  # noqa: F401  (re-exported: the harness's public names)
     MethodRun,
     parse_task_knobs,
     resolve_runs,
     split_method_budget,
 )
-from kvdiag.eval_store import (  # noqa: F401  (re-exported: the harness's public names)
+from kvdiag.eval.store import (  # noqa: F401  (re-exported: the harness's public names)
     EXACT,
     PREDICTIONS,
     RESULT_COLUMNS,
@@ -91,7 +91,8 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 def _context_length(model: str) -> int | None:
     """The model's context from its config, without loading weights (None where unknown)."""
-    from kvdiag.models import _looks_like_path_or_hub_id, describe_model, known_models
+    from kvdiag.models import describe_model, known_models
+    from kvdiag.models.registry import _looks_like_path_or_hub_id
 
     if model in known_models():
         return describe_model(model).get("context_length")
@@ -102,7 +103,7 @@ def _context_length(model: str) -> int | None:
     try:
         from transformers import AutoConfig
 
-        from kvdiag.adapter import config_shapes
+        from kvdiag.models.adapter import config_shapes
 
         return config_shapes(AutoConfig.from_pretrained(model))["context_length"]
     except (OSError, ValueError) as err:
@@ -177,7 +178,7 @@ def eos_token_ids(model, tokenizer, chat: bool) -> list[int]:
 class SharedPrefill:
     """One exact prefill of prompt[:-1] shared by all cells of a sample (see the module docstring)."""
 
-    trace: Any  # kvdiag.trace.Trace of the L - 1 prefilled tokens, every layer
+    trace: Any  # kvdiag.capture.trace.Trace of the L - 1 prefilled tokens, every layer
     cache: Any  # the transformers cache after them; each cell continues from a deep copy
 
     @property
@@ -189,8 +190,8 @@ def prefill_prompt(model, input_ids) -> SharedPrefill:
     """Prefill input_ids[:, :-1] [1, L - 1] once, exactly, recording every layer."""
     import torch
 
-    from kvdiag import adapter
     from kvdiag.capture import capture
+    from kvdiag.models import adapter
 
     if input_ids.shape[1] < 2:
         raise KvdiagError("a shared prefill needs a prompt of at least 2 tokens")
@@ -208,8 +209,8 @@ def generate_cell(model, input_ids, method: Method | None, budget, max_new_token
     """
     import torch
 
-    from kvdiag import adapter
-    from kvdiag.simulate import simulate
+    from kvdiag.models import adapter
+    from kvdiag.offload.simulate import simulate
 
     kwargs = dict(
         attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=False,
@@ -249,7 +250,7 @@ def _resident_bytes_per_token(method: Method, sim) -> float:
 
 def _fidelity(model, tokenizer, prompt_ids, answer: str, runs: list[tuple[Method, Any]]) -> list[dict]:
     """Per run: mean KL, top-1 agreement and gold log-probs over the teacher-forced answer."""
-    from kvdiag.fidelity import teacher_forced_fidelity
+    from kvdiag.eval.fidelity import teacher_forced_fidelity
 
     answer_ids = tokenizer(answer, add_special_tokens=False, return_tensors="pt").input_ids
     if answer_ids.shape[1] < 2 or not runs:
@@ -296,8 +297,8 @@ class Cell:
 
 def _exact_bytes_per_token(model) -> float:
     """Full bf16 K and V per token and layer (what exact attention keeps resident)."""
-    from kvdiag.adapter import config_shapes
     from kvdiag.methods._scoring import kv_bytes
+    from kvdiag.models.adapter import config_shapes
 
     shapes = config_shapes(model.config)
     return float(kv_bytes(1, shapes["kv_heads"], shapes["head_dim"]))
@@ -470,7 +471,7 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
                                          "new_cells": len(pending), "seconds_last_run": seconds})  # fmt: skip
     drawn = []
     if figures:
-        from kvdiag.eval_plots import plot_eval_run
+        from kvdiag.plots.eval import plot_eval_run
 
         drawn = plot_eval_run(out)
     return {
