@@ -273,7 +273,7 @@ def landmark_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values [H_kv, k] fp32, indices [H_kv, k] int64): the k best landmarks per KV head.
 
-    k is clamped to N (as `kvdiag.methods._scoring.topk_mask`). First version: the Triton scores,
+    k is clamped to N (as the methods' top-k). First version: the Triton scores,
     then torch.topk (not fused; at N = 128K its cost is measured by `kvdiag.bench.landmark_kernel`).
     """
     scores = landmark_scores(q, landmarks, rule, scale, **launch)

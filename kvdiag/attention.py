@@ -1,4 +1,9 @@
-"""Exact attention for chosen query positions, without materialising all L×L scores of all heads.
+"""Attention math, written once: GQA logits, masked softmax attention, and exact attention for
+chosen query positions without materialising all L×L scores of all heads.
+
+`gqa_logits` + `attend` (= `masked_attention`) are the one masked GQA attention every consumer uses:
+exact attention here, recall's error decomposition (`kvdiag.analysis.recall`), the simulator's decode
+(`kvdiag.offload.simulate`) and the runtime's reference.
 
 Queries are processed in chunks of `chunk_size` positions, so peak memory is
 H_q · chunk_size · L floats, not H_q · L · L. GQA is handled by grouping query heads
@@ -36,6 +41,40 @@ def _check(q: torch.Tensor, k: torch.Tensor, query_positions: torch.Tensor, chun
         raise KvdiagError(f"chunk_size {chunk_size} must be ≥ 1")
 
 
+def gqa_logits(
+    q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
+    """Attention logits of queries q [..., H_q, n, d] against keys k [..., H_kv, P, d] (same leading
+    dims, e.g. a batch): [..., H_q, n, P] float32, (q·k)·scaling, soft-capped (cap·tanh(x / cap))
+    when `softcap` is set. Query head h reads KV head h // G (heads grouped, keys never repeated)."""
+    *lead, h_kv, length, d = k.shape
+    n_q = q.shape[-3]
+    qg = q.float().reshape(*lead, h_kv, n_q // h_kv, q.shape[-2], d)
+    logits = torch.einsum("...hgcd,...hld->...hgcl", qg, k.float()).reshape(*lead, n_q, q.shape[-2], length)
+    logits = logits * scaling
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def attend(logits: torch.Tensor, mask: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+    """Softmax over the allowed keys, then the weighted values: logits [..., H_q, n, P], mask
+    broadcastable to it (bool, True = attended; None = all), v [..., H_kv, P, d] -> [..., H_q, n, d]
+    float32."""
+    *lead, h_kv, length, d = v.shape
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    n_q, n = logits.shape[-3], logits.shape[-2]
+    weights = torch.softmax(logits, dim=-1).reshape(*lead, h_kv, n_q // h_kv, n, length)
+    return torch.einsum("...hgcl,...hld->...hgcd", weights, v.float()).reshape(*lead, n_q, n, d)
+
+
+def masked_attention(q, k, v, mask, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Masked GQA attention: q [..., H_q, n, d], k/v [..., H_kv, P, d], mask broadcastable to
+    [..., H_q, n, P] -> [..., H_q, n, d] float32."""
+    return attend(gqa_logits(q, k, scaling, softcap), mask, v)
+
+
 def _masked_logits(
     q_chunk: torch.Tensor,
     k: torch.Tensor,
@@ -44,13 +83,9 @@ def _masked_logits(
     sliding_window: int | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    """[H_q, c, d] queries at `positions` [c] against k [H_kv, L, d] -> masked float32 logits [H_q, c, L]."""
-    h_kv, length, d = k.shape
-    group = q_chunk.shape[0] // h_kv
-    qg = q_chunk.float().reshape(h_kv, group, -1, d)
-    logits = torch.einsum("hgcd,hld->hgcl", qg, k.float()).reshape(h_kv * group, -1, length) * scaling
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+    """[H_q, c, d] queries at `positions` [c] against k [H_kv, L, d] -> causally masked logits [H_q, c, L]."""
+    logits = gqa_logits(q_chunk, k, scaling, softcap)
+    length = k.shape[-2]
     key_pos = torch.arange(length, device=k.device)
     allowed = key_pos[None, :] <= positions[:, None]
     if sliding_window:
@@ -107,12 +142,8 @@ def attention_output(
     q, k, v, query_positions, scaling, sliding_window=None, softcap=None, chunk_size=DEFAULT_CHUNK
 ) -> torch.Tensor:
     """Exact attention output [H_q, n, d] (float32) at the chosen positions; v: [H_kv, L, d]."""
-    h_kv, length, d = v.shape
-    group = q.shape[0] // h_kv
-    outs = []
-    for _, logits in iter_logits(q, k, query_positions, scaling, sliding_window, softcap, chunk_size):
-        weights = torch.softmax(logits, dim=-1).reshape(h_kv, group, -1, length)
-        outs.append(torch.einsum("hgcl,hld->hgcd", weights, v.float()).reshape(h_kv * group, -1, d))
+    outs = [attend(logits, None, v) for _, logits in iter_logits(q, k, query_positions, scaling,
+                                                                sliding_window, softcap, chunk_size)]  # fmt: skip
     return torch.cat(outs, dim=1)
 
 

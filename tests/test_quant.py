@@ -127,8 +127,9 @@ def numpy_higgs(x: np.ndarray, grid: np.ndarray, g: int) -> np.ndarray:
     sub = y.reshape(-1, d)
     idx = ((sub[:, None, :] - grid[None]) ** 2).sum(-1).argmin(-1)
     y_hat = grid[idx].reshape(y.shape)
-    s16 = s.astype(np.float16).astype(np.float64)  # kvdiag stores the norm as fp16
-    out = (y_hat * s16) @ h.T / g
+    s32 = s.astype(np.float32).astype(np.float64)  # the norm is stored in fp32, as upstream
+    scaled = (y_hat * s32).astype(np.float16).astype(np.float64)  # upstream casts to fp16 here
+    out = (scaled @ h.T / g).astype(np.float16).astype(np.float64)  # and the transform's output too
     return out.reshape(x.shape[0], m * g)[:, :n]
 
 
@@ -146,7 +147,8 @@ def test_higgs_matches_numpy_reference(spec, n, g):
     x = torch.randn(64, n, generator=torch.Generator().manual_seed(2))
     grid = load_grid(spec.split(":")[1]).double().numpy()
     expected = numpy_higgs(x.double().numpy(), grid, g)
-    np.testing.assert_allclose(get_quantizer(spec).roundtrip(x).numpy(), expected, rtol=1e-4, atol=1e-5)
+    # both sides round to fp16 twice (as upstream); their fp32 vs fp64 transforms may differ by one fp16 step
+    np.testing.assert_allclose(get_quantizer(spec).roundtrip(x).numpy(), expected, rtol=1e-3, atol=1e-3)
 
 
 def test_higgs_zero_row_and_scale_invariance():
@@ -155,7 +157,7 @@ def test_higgs_zero_row_and_scale_invariance():
     x[1] = 0
     out = q.roundtrip(x)
     assert torch.isfinite(out).all() and (out[1] == 0).all()
-    torch.testing.assert_close(q.roundtrip(x * 8), out * 8)  # powers of two survive fp16 norms
+    torch.testing.assert_close(q.roundtrip(x * 8), out * 8)  # powers of two survive the fp16 steps
 
 
 # ---------------------------------------------------------------- float formats
@@ -245,19 +247,19 @@ def test_shape_and_dtype_preserved(spec, dtype):
         out = q.roundtrip(x)
         assert out.shape == x.shape and out.dtype == dtype and torch.isfinite(out).all()
         rel = ((out.float() - x.float()).square().sum() / x.float().square().sum()).item()
-        assert rel < 0.6  # a sanity bound: int2 per 128-row of Gaussians is ~0.45
+        assert rel < 0.7  # a sanity bound: int2 per 128-row of Gaussians is ~0.45, 0.5-bit grids ~0.6
 
 
 @pytest.mark.parametrize(
     ("spec", "n", "expected"),
     [
-        ("higgs:EDEN4-256", 128, 128 * 2 / 8 + 2),
-        ("higgs:EDEN2-256", 128, 128 * 4 / 8 + 2),
-        ("higgs:EDEN4-256", 1024, 1024 * 2 / 8 + 8 * 2),
-        ("higgs:EDEN4-256:row", 1024, 1024 * 2 / 8 + 2),
-        ("higgs:EDEN8-4096", 128, 16 * 12 / 8 + 2),
-        ("higgs:EDEN8-4096", 64, 8 * 12 / 8 + 2),
-        ("higgs:EDEN4-256", 96, 128 * 2 / 8 + 2),  # padded to 128 coordinates
+        ("higgs:EDEN4-256", 128, 128 * 2 / 8 + 4),
+        ("higgs:EDEN2-256", 128, 128 * 4 / 8 + 4),
+        ("higgs:EDEN4-256", 1024, 1024 * 2 / 8 + 8 * 4),
+        ("higgs:EDEN4-256:row", 1024, 1024 * 2 / 8 + 4),
+        ("higgs:EDEN8-4096", 128, 16 * 12 / 8 + 4),
+        ("higgs:EDEN8-4096", 64, 8 * 12 / 8 + 4),
+        ("higgs:EDEN4-256", 96, 128 * 2 / 8 + 4),  # padded to 128 coordinates
         ("int4", 128, 64 + 4),
         ("int4:g32", 128, 64 + 4 * 4),
         ("int2", 128, 32 + 4),

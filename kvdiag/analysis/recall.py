@@ -9,28 +9,37 @@ the generated tokens, which every method always attends). The reference is full 
 over [0, p]. Budgets are fractions of L0 or token counts (`resolve_budget`).
 
 Per method × budget × layer × KV head × query position (per-query-head values averaged over the
-KV head's G query heads):
+KV head's G query heads). The N query positions are consecutive decode steps of one decode state
+per method × budget (so a method's GPU cache, e.g. ArkVale's pages, warms up over them). Every
+comparison with the oracle uses the oracle at the *same number of attended context tokens* as the
+method (a = the method's attended tokens, rounded, per KV head and step), never at the nominal
+budget: a method whose always-kept tokens (local window, outliers, sinks) exceed its budget is
+compared with an oracle that may read as many.
 
-- recall:        |exact top-k ∩ attended| / k per query head, exact top-k of the context [0, L0) by
-                 q·k·scaling, k = the budget in tokens;
-- recall_gqa:    the same against the oracle's KV-head top-k (softmax per query head, max over the
-                 group: `kvdiag.methods.oracle`), with a per-query-head method's masks united over
-                 the group; the oracle scores 1 here by construction;
+- recall:        |exact top-a ∩ attended| / a per query head, a = the head's attended context tokens,
+                 exact top-a of the context [0, L0) by q·k·scaling;
+- recall_gqa:    |attended (the group's union) ∩ oracle top-a| / a, against the oracle's KV-head
+                 selection (softmax per query head, max over the group: `kvdiag.methods.oracle`);
+                 the oracle scores 1 by construction;
 - attention_mass: share of the exact softmax mass over [0, p] on what the method attends
                  (selected ∪ always-kept ∪ the exact tail L0..p);
 - err_total:     ‖o_method − o_exact‖ / ‖o_exact‖, o_method = softmax over (mask ∪ tail) of
-                 q·k_method·scaling with the method's `keys()` / `values()` on the context;
+                 q·k_method·scaling with the keys / values the method's `materialize` gives;
 - err_selection: the same with the method's mask but exact keys and values;
-- err_key:       ‖o(oracle mask, method K/V) − o(oracle mask, exact K/V)‖ / ‖o_exact‖: what the
+- err_key:       ‖o(oracle top-a, method K/V) − o(oracle top-a, exact K/V)‖ / ‖o_exact‖: what the
                  method's key (and value) representation costs on the ideal selection of the same
-                 budget (0 for methods that attend exact keys and values);
-- err_oracle:    ‖o(oracle mask, exact K/V) − o_exact‖ / ‖o_exact‖, the selection floor;
-- attended_tokens / fetched_tokens: context tokens attended (mean over the group) and distinct
-                 tokens read from host memory for the KV head at this step; fetched_bytes: the
-                 method's `fetched_bytes` of this KV head's part of the selection at this step
-                 (sum over kv_head = the layer's bytes per step);
-- resident_bytes_per_token: the method's `resident_bytes` of the layer's index / L0 (whole layer,
-                 all KV heads; the exact tail L0..p, resident for every method, is not in it).
+                 size (0 for methods that attend exact keys and values);
+- err_oracle:    ‖o(oracle top-a, exact K/V) − o_exact‖ / ‖o_exact‖, the selection floor at that size;
+- attended_tokens: context tokens attended (mean over the group); `budget_tokens` beside it is the
+                 nominal budget (a run warns when a method attends > 2× its budget);
+- fetched_tokens: (KV head, token) entries read from host memory at this step, after the method's
+                 GPU cache (ArkVale's pages, LRQK's working set; none for the others);
+                 fetched_tokens_cold: the same without any cache; fetched_bytes: fetched_tokens × the
+                 bytes of one stored entry (sum over kv_head = the layer's bytes per step);
+- reuse_prev:    share of this step's score-chosen tokens that the previous step chose too (what a
+                 cache of recently fetched tokens could save);
+- resident_bytes_per_token: the layer's resident bytes (index + decode state, as stored) / L0 (whole
+                 layer, all KV heads; the exact tail L0..p, resident for every method, is not in it).
 
 Granularity: one row per query position (column `query_position`) unless that would exceed
 `MAX_ROWS` rows; then rows are means over the query positions with their count in `n_queries`
@@ -44,7 +53,6 @@ applied as the model does. All computations are float32.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,73 +62,21 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from kvdiag.attention import iter_logits
+from kvdiag.attention import attend, gqa_logits, iter_logits
 from kvdiag.errors import KvdiagError
-from kvdiag.methods import Method, get_method, method_names, parse_method_spec
-from kvdiag.methods.base import LayerKV, resolve_budget
+from kvdiag.methods import LayerKV, Method, get_method, resolve_budget
+from kvdiag.methods.specs import NO_BUDGETS, check_budget, default_methods, parse_budget, resolve_methods  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 2_000_000
 DEFAULT_BUDGETS = (0.015625, 0.03125, 0.0625)
 DEFAULT_QUERIES = 64
-NO_BUDGETS = "no budgets given; e.g. 0.015625,0.03125 (fractions of the context) or 2048 (tokens)"
 METRICS = ("recall", "recall_gqa", "attention_mass", "err_total", "err_selection", "err_key", "err_oracle",
            "attended_tokens", "fetched_tokens", "fetched_bytes", "resident_bytes_per_token")  # fmt: skip
 
 
 # --- inputs -----------------------------------------------------------------------------------------
-
-
-def default_methods() -> list[str]:
-    """Every registered method except `exact` (the reference itself)."""
-    return [name for name in method_names() if name != "exact"]
-
-
-def method_label(method: Method) -> str:
-    """The method's name, or "name:knob=value,..." with the knobs that differ from its defaults."""
-    return method.label()
-
-
-def resolve_methods(methods: Sequence[Method | str] | None) -> list[Method]:
-    """Method objects from objects or CLI specs ("shadowkv:rank=320"); None = `default_methods()`."""
-    chosen = [
-        parse_method_spec(m) if isinstance(m, str) else m
-        for m in (default_methods() if methods is None else methods)
-    ]
-    if not chosen:
-        raise KvdiagError(f"no methods given; choose from {', '.join(method_names())}")
-    for m in chosen:
-        if not isinstance(m, Method):
-            raise KvdiagError(f"{m!r} is not a kvdiag Method or a method spec")
-    labels = [method_label(m) for m in chosen]
-    twice = sorted({x for x in labels if labels.count(x) > 1})
-    if twice:
-        raise KvdiagError(f"method {', '.join(twice)} is given twice")
-    return chosen
-
-
-def parse_budget(text: str) -> float | int:
-    """CLI budget: "0.03125" or "3.125%" → fraction of the context, "2048" → tokens ("1.0" = all)."""
-    raw = str(text).strip()
-    try:
-        if raw.endswith("%"):
-            value: float | int = float(raw[:-1]) / 100
-        elif any(c in raw for c in ".eE"):
-            value = float(raw)
-        else:
-            value = int(raw)
-    except ValueError:
-        raise KvdiagError(
-            f"budget {text!r} is not a number; use a fraction like 0.03125, 3.125% or tokens like 2048"
-        ) from None
-    check_budget(value)
-    return value
-
-
-def check_budget(budget: float | int) -> None:
-    """Check the form of a budget before the context length is known."""
-    resolve_budget(budget, 1 << 62)
 
 
 def resolve_positions(n_tokens: int, query_positions=None, n_queries: int = DEFAULT_QUERIES) -> torch.Tensor:
@@ -141,19 +97,6 @@ def resolve_positions(n_tokens: int, query_positions=None, n_queries: int = DEFA
     return pos
 
 
-def resolved_knobs(method: Method, layer: LayerKV) -> dict:
-    """Values a method derives from its knobs for this layer (ShadowKV rank, LRQK rank, YAKV K/V format)."""
-    out = {}
-    channels = layer.n_kv_heads * layer.head_dim
-    if hasattr(method, "resolved_rank"):
-        out["rank"] = method.resolved_rank(channels, layer.n_tokens)
-    if hasattr(method, "effective_rank"):
-        out["rank"] = method.effective_rank(layer.head_dim)
-    if hasattr(method, "resolved_kv_quant"):
-        out["kv_quant"] = method.resolved_kv_quant()
-    return out
-
-
 # --- one layer --------------------------------------------------------------------------------------
 
 
@@ -166,14 +109,6 @@ def context_layer(layer: LayerKV, n_context: int) -> LayerKV:
     )  # fmt: skip
 
 
-def _attend(logits: torch.Tensor, mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax over the True entries of mask: logits/mask [H_q, c, P], v [H_kv, P, d] -> [H_q, c, d]."""
-    h_kv, length, d = v.shape
-    weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
-    weights = weights.reshape(h_kv, -1, logits.shape[1], length)
-    return torch.einsum("hgcl,hld->hgcd", weights, v).reshape(-1, logits.shape[1], d)
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (a - b).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)
 
@@ -183,45 +118,61 @@ def _by_kv(x: torch.Tensor, n_kv: int) -> torch.Tensor:
     return x.float().reshape(n_kv, -1, x.shape[-1]).mean(dim=1)
 
 
-def _fetched_bytes(method: Method, selection, n_kv: int) -> torch.Tensor:
-    """[c, H_kv] the method's fetched_bytes of each KV head's part of the selection at each step."""
-    n, n_sel, _ = selection.fetched.shape
-    group = n_sel // n_kv
-    out = torch.full((n, n_kv), float("nan"))
-    extra = {"n_kv_heads": 1} if getattr(selection, "n_kv_heads", 0) else {}
-    try:
-        for step in range(n):
-            for h in range(n_kv):
-                part = slice(h * group, (h + 1) * group)
-                sub = dataclasses.replace(selection, mask=selection.mask[step : step + 1, part],
-                                          fetched=selection.fetched[step : step + 1, part], **extra)  # fmt: skip
-                out[step, h] = method.fetched_bytes(sub)
-    except (KvdiagError, TypeError, ValueError) as err:
-        log.warning("%s: fetched bytes per KV head unavailable (%s)", method.name, err)
-    return out
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry along the last dim, 0 = the largest (ties to the lower index)."""
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    return torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
+
+
+def _previous(ids: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """[c, H, k] chosen ids -> [c, H, k] the previous step's chosen ids (the first step's from `last`)."""
+    prev = torch.roll(ids, 1, dims=0)
+    if last is None:
+        prev[0] = -2  # no previous step: nothing in common
+    else:
+        prev[0] = last
+    return prev
+
+
+def _reuse(ids: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """[c, H] share of each step's chosen ids that the previous step chose too (NaN when none chosen)."""
+    valid = ids >= 0
+    common = (ids[..., :, None] == prev[..., None, :]).any(-1) & valid
+    return common.sum(-1).float() / valid.sum(-1).float()
 
 
 def layer_metrics(layer: LayerKV, methods: list[Method], budget_tokens: list[int], positions: torch.Tensor,
                   softcap: float | None = None, chunk_size: int = 64, on_progress=None) -> list[dict]:  # fmt: skip
     """Metric blocks of one layer: one dict per (method, budget), method-major, of arrays [H_kv, N].
 
-    layer: the full prompt layer (q required); positions [N] sorted, L0 = positions[0].
+    layer: the full prompt layer (q required); positions [N] sorted, L0 = positions[0]. The N
+    queries are consecutive decode steps of one decode state per (method, budget), in order.
     on_progress(x): called with x = the share of one method's work just done (sums to len(methods)).
     """
     progress = on_progress or (lambda _x: None)
     n_kv, _, d = layer.k_post.shape
     n_q = layer.q.shape[0]
+    group = n_q // n_kv
     n_ctx, length = int(positions[0]), int(positions[-1]) + 1
     ctx = context_layer(layer, n_ctx)
     k_full, v_full = layer.k_post[:, :length].float(), layer.v[:, :length].float()
     q_full = layer.q.float()
     oracle = get_method("oracle")
-    built = []
+    oracle_built = oracle.build(ctx)
+    runs = []
     for method in methods:
-        index = method.build(ctx)
-        keys = torch.cat([method.keys(index).float(), k_full[:, n_ctx:]], dim=1)  # [H_kv, P, d]
-        values = torch.cat([method.values(index).float(), v_full[:, n_ctx:]], dim=1)
-        built.append((method, index, keys, values))
+        built = method.build(ctx)
+        k_seen, v_seen = method.dense_view(built)
+        keys = torch.cat([k_seen, k_full[:, n_ctx:]], dim=1)  # [H_kv, P, d]
+        values = torch.cat([v_seen, v_full[:, n_ctx:]], dim=1)
+        states = [method.start(built, k) for k in budget_tokens]
+        cold = [method.start(built, k) for k in budget_tokens]
+        for state in cold:
+            state.cache_tokens = 0
+        runs.append({"method": method, "built": built, "keys": keys, "values": values, "states": states,
+                     "cold": cold, "last": [None] * len(budget_tokens)})  # fmt: skip
         progress(0.5)
     n_chunks = -(-len(positions) // chunk_size)
     blocks = {(i, j): [] for i in range(len(methods)) for j in range(len(budget_tokens))}
@@ -232,52 +183,60 @@ def layer_metrics(layer: LayerKV, methods: list[Method], budget_tokens: list[int
         q_step = q_full[:, pos].transpose(0, 1)  # [c, H_q, d] decode queries
         c = pos.numel()
         tail = torch.ones(n_q, c, length - n_ctx, dtype=torch.bool, device=k_full.device)
-        everything = torch.ones_like(exact_logits, dtype=torch.bool)
         exact_w = torch.softmax(exact_logits, dim=-1)
-        o_exact = _attend(exact_logits, everything, v_full)
-        ctx_scores = exact_logits[..., :n_ctx]  # [H_q, c, L0]; soft-capping keeps the order
-        oracle_masks, exact_topk = [], []
-        for k in budget_tokens:
-            exact_topk.append(torch.zeros_like(ctx_scores, dtype=torch.bool).scatter_(
-                -1, ctx_scores.topk(k, dim=-1).indices, True))  # fmt: skip
-            gqa = oracle.select(ctx, q_step, k).mask.transpose(0, 1)  # [H_kv, c, L0]
-            mask = torch.cat([gqa.repeat_interleave(n_q // n_kv, dim=0), tail], dim=-1)
-            oracle_masks.append((gqa, mask, _attend(exact_logits, mask, v_full)))
-        for i, (method, index, keys, values) in enumerate(built):
-            ((_, m_logits),) = iter_logits(q_full, keys, pos, layer.scaling, None, softcap, chunk_size=c)
-            for j, k in enumerate(budget_tokens):
-                sel = method.select(index, q_step, k)
+        o_exact = attend(exact_logits, None, v_full)
+        exact_rank = _ranks(exact_logits[..., :n_ctx])  # [H_q, c, L0] per query head
+        oracle_rank = _ranks(oracle.score(oracle_built, q_step)).transpose(0, 1)  # [H_kv, c, L0]
+        for i, run in enumerate(runs):
+            method = run["method"]
+            m_logits = gqa_logits(q_step.transpose(0, 1), run["keys"], layer.scaling, softcap)  # [H_q, c, P]
+            m_logits = _causal_tail(m_logits, pos, n_ctx)
+            for j, _k in enumerate(budget_tokens):
+                sel = method.select(run["built"], q_step, run["states"][j])
+                cold = method.select(run["built"], q_step, run["cold"][j])
                 chosen = sel.per_query(n_q).transpose(0, 1)  # [H_q, c, L0]
                 mask = torch.cat([chosen, tail], dim=-1)
-                gqa, o_mask, o_oracle = oracle_masks[j]
-                o_method = _attend(m_logits, mask, values)
-                united = chosen.reshape(n_kv, -1, c, n_ctx).any(dim=1)
-                fetched = sel.fetched.transpose(0, 1)
-                if fetched.shape[0] != n_kv:
-                    fetched = fetched.reshape(n_kv, -1, c, n_ctx).any(dim=1)
+                united = chosen.reshape(n_kv, group, c, n_ctx).any(dim=1)  # [H_kv, c, L0]
+                attended_q = chosen.sum(-1)  # [H_q, c]
+                attended = _by_kv(attended_q, n_kv).round().long()  # [H_kv, c] oracle at equal size
+                o_match = oracle_rank < attended[..., None]  # [H_kv, c, L0]
+                o_mask = torch.cat([o_match.repeat_interleave(group, dim=0), tail], dim=-1)
+                o_oracle = attend(exact_logits, o_mask, v_full)
+                exact_top = exact_rank < attended_q[..., None]  # exact top-a per query head
+                prev = _previous(sel.ids, run["last"][j])
+                run["last"][j] = sel.ids[-1]
                 blocks[i, j].append({
-                    "recall": _by_kv((chosen & exact_topk[j]).sum(-1) / k, n_kv),
-                    "recall_gqa": (united & gqa).sum(-1).float() / k,
+                    "recall": _by_kv((chosen & exact_top).sum(-1) / attended_q.clamp_min(1), n_kv),
+                    "recall_gqa": (united & o_match).sum(-1).float() / attended.clamp_min(1),
                     "attention_mass": _by_kv((exact_w * mask).sum(-1), n_kv),
-                    "err_total": _by_kv(_rel(o_method, o_exact, o_exact), n_kv),
-                    "err_selection": _by_kv(_rel(_attend(exact_logits, mask, v_full), o_exact, o_exact), n_kv),
-                    "err_key": _by_kv(_rel(_attend(m_logits, o_mask, values), o_oracle, o_exact), n_kv),
+                    "err_total": _by_kv(_rel(attend(m_logits, mask, run["values"]), o_exact, o_exact), n_kv),
+                    "err_selection": _by_kv(_rel(attend(exact_logits, mask, v_full), o_exact, o_exact), n_kv),
+                    "err_key": _by_kv(_rel(attend(m_logits, o_mask, run["values"]), o_oracle, o_exact), n_kv),
                     "err_oracle": _by_kv(_rel(o_oracle, o_exact, o_exact), n_kv),
-                    "attended_tokens": _by_kv(chosen.sum(-1), n_kv),
-                    "fetched_tokens": fetched.sum(-1).float(),
-                    "fetched_bytes": _fetched_bytes(method, sel, n_kv).T.to(k_full.device),
+                    "attended_tokens": _by_kv(attended_q, n_kv),
+                    "fetched_tokens": sel.fetched_entries().T,
+                    "fetched_tokens_cold": cold.fetched_entries().T,
+                    "fetched_bytes": sel.fetched_entries().T * sel.entry_bytes,
+                    "reuse_prev": _by_kv(_reuse(sel.ids, prev).T, n_kv) if method.per_query_head
+                    else _reuse(sel.ids, prev).T,
                 })  # fmt: skip
             progress(0.5 / n_chunks)
     out = []
-    for i, (method, index, _, _) in enumerate(built):
-        for j, k in enumerate(budget_tokens):
+    for i, run in enumerate(runs):
+        for j, _k in enumerate(budget_tokens):
             block = {name: torch.cat([b[name] for b in blocks[i, j]], dim=1).cpu().numpy()
                      for name in blocks[i, j][0]}  # fmt: skip
-            block["resident_bytes_per_token"] = np.full(
-                (n_kv, len(positions)), method.resident_bytes_at(index, k) / n_ctx
-            )
+            resident = run["method"].resident_bytes(run["built"], run["states"][j])
+            block["resident_bytes_per_token"] = np.full((n_kv, len(positions)), resident / n_ctx)
             out.append(block)
     return out
+
+
+def _causal_tail(logits: torch.Tensor, positions: torch.Tensor, n_ctx: int) -> torch.Tensor:
+    """Hide the tail tokens after each query's own position (the prompt part is the method's)."""
+    key_pos = torch.arange(logits.shape[-1], device=logits.device)
+    future = (key_pos[None, :] > positions[:, None]) & (key_pos[None, :] >= n_ctx)  # [c, P]
+    return logits.masked_fill(future[None], float("-inf"))
 
 
 # --- a whole trace ----------------------------------------------------------------------------------
@@ -301,7 +260,7 @@ def recall_table(trace, methods: Sequence[Method | str], budgets, layers=None, q
     (False) or decide by `MAX_ROWS` (None). See the module docstring for the columns.
     """
     methods = resolve_methods(methods)
-    labels = [method_label(m) for m in methods]
+    labels = [m.label() for m in methods]
     budgets = list(budgets)
     if not budgets:
         raise KvdiagError(NO_BUDGETS)
@@ -348,16 +307,32 @@ def recall_table(trace, methods: Sequence[Method | str], budgets, layers=None, q
                     "kv_head": np.repeat(np.arange(heads), len(positions) if per_position else 1), **cols,
                 }))  # fmt: skip
     table = pd.concat(frames, ignore_index=True)
+    warn_over_budget(table)
     table.attrs["recall"] = {
         "n_tokens": trace.n_tokens, "n_context": n_ctx, "n_queries": len(positions),
         "query_positions": positions.tolist(), "per_position": per_position,
         "layers": used, "skipped_layers": {str(i): r for i, r in skipped.items()},
         "budgets": [{"given": b, "tokens": t, "fraction": t / n_ctx} for b, t in zip(budgets, budget_tokens)],
         "methods": [{"label": lab, "name": m.name, "paper": m.paper, "knobs": m.knobs(),
-                     "resolved": resolved_knobs(m, context_layer(trace.layer_kv(used[0]), n_ctx))}
+                     "resolved": m.resolved(context_layer(trace.layer_kv(used[0]), n_ctx))}
                     for lab, m in zip(labels, methods)],
     }  # fmt: skip
     return table
+
+
+def warn_over_budget(table: pd.DataFrame, factor: float = 2.0) -> list[str]:
+    """Log (and return) the method × budget cells that attend more than `factor` × their budget: their
+    always-kept tokens (local windows, outliers, sinks) dominate, so compare them with the oracle at
+    the same attended tokens (err_oracle, recall_gqa here) or plot against attended tokens / bytes."""
+    means = table.groupby(["method", "budget_tokens"], sort=False)["attended_tokens"].mean()
+    lines = []
+    for (method, budget), attended in means.items():
+        if attended > factor * budget:
+            lines.append(
+                f"{method} at {budget} tokens attends {attended:.0f} tokens on average (> {factor:g}×)"
+            )
+            log.warning("%s: its always-kept tokens dominate the budget", lines[-1])
+    return lines
 
 
 # --- the `kvdiag recall` pipeline -------------------------------------------------------------------

@@ -9,36 +9,8 @@ from typing import ClassVar
 import torch
 
 from kvdiag.errors import KvdiagError
-from kvdiag.methods._scoring import (
-    BF16_BYTES,
-    PricedSelection,
-    box_upper_bound_scores,
-    check_int,
-    kv_bytes,
-    make_selection,
-    priced_fetched_bytes,
-    take_tokens,
-    topk_mask,
-)
-from kvdiag.methods.base import LayerKV, Method, resolve_budget
-
-
-@dataclass
-class ArkValeIndex:
-    """What ArkVale keeps on the GPU for one layer after prefill (plus the exact K/V it recalls from).
-
-    box_max/box_min: [H_kv, P - 1, d] digest of every page but the last (c ± ρ, see `ArkVale`)
-    k_post, v:       [H_kv, L, d] exact keys / values (the host copy pages are recalled from)
-    n_pages:         P = ceil(L / page_size); the last page, possibly partial, has no digest
-    dense:           the layer is one of the first `dense_layers` (full attention, no eviction)
-    """
-
-    box_max: torch.Tensor
-    box_min: torch.Tensor
-    k_post: torch.Tensor
-    v: torch.Tensor
-    n_pages: int
-    dense: bool
+from kvdiag.methods._scoring import box_upper_bound_scores, check_int
+from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens
 
 
 @dataclass
@@ -66,10 +38,14 @@ class ArkVale(Method):
     n_win_pages=5, group_size=1 (one selection per KV head), n_unlimited_layers=0 and a budget of
     0.78125 % of L: `ArkVale.study()`.
 
+    Resident: the page digests (box_max, box_min at the keys' dtype) and the exact K/V of the sink
+    and window pages; offloaded: every token's K and V. Decode state (`start`): upstream's GPU page
+    cache, which keeps the pages recalled at earlier steps and recalls only misses, is modelled as a
+    cache of `ceil(budget / page_size)` pages' tokens per KV head (the pages of the previous steps,
+    least recently used leave first), so `fetched` counts the misses only; the pages chosen by the
+    last prompt query at prefill are not pre-loaded (the first step is cold).
+
     Deviations from the public code, and why:
-    - Decode steps are independent (the contract): upstream's GPU page cache, which keeps the pages
-      chosen at earlier steps (and at prefill, by the last prompt query) and recalls only misses,
-      is not modelled; `fetched` counts every page chosen by score (a cold cache, an upper bound).
     - The window is the last `n_win_pages` pages of the prompt as prefill leaves them; when L is a
       multiple of page_size, upstream's first decode token opens a new page and one prompt page
       slides out of the window.
@@ -107,77 +83,81 @@ class ArkVale(Method):
         """The configuration of arXiv 2604.08426 (use with a budget of 0.0078125 of L)."""
         return cls(page_size=16, n_sink_pages=2, n_win_pages=5, group_size=1, dense_layers=0)
 
+    @property
+    def block_size(self) -> int:
+        return self.page_size
+
     # --- prefill ----------------------------------------------------------------------------------
 
-    def build(self, layer: LayerKV) -> ArkValeIndex:
+    def build(self, layer: LayerKV) -> Built:
         n_kv, n_tokens, d = layer.k_post.shape
         self._group(n_kv)  # validate the group against this layer's KV heads early
         n_pages = math.ceil(n_tokens / self.page_size)
-        n_digest = max(n_pages - 1, 0)
-        pages = layer.k_post[:, : n_digest * self.page_size].float()
-        pages = pages.reshape(n_kv, n_digest, self.page_size, d)  # [H_kv, P-1, page, d]
-        centre = (pages.amax(dim=2) + pages.amin(dim=2)) / 2  # [H_kv, P-1, d]
+        first, last = self.n_sink_pages, n_pages - self.n_win_pages  # candidate pages: first .. last - 1
+        dense = layer.layer_idx < self.dense_layers or last <= first
+        meta = dict(n_tokens=n_tokens, n_kv_heads=n_kv, head_dim=d, scaling=layer.scaling, dense=dense,
+                    info={"n_pages": n_pages, "first_page": first, "last_page": max(last, first)})  # fmt: skip
+        if dense:
+            return Built(resident={"k": layer.k_post, "v": layer.v}, offloaded={}, **meta)
+        pages = layer.k_post[:, first * self.page_size : last * self.page_size].float()
+        pages = pages.reshape(n_kv, last - first, self.page_size, d)  # [H_kv, candidates, page, d]
+        centre = (pages.amax(dim=2) + pages.amin(dim=2)) / 2  # [H_kv, candidates, d]
         radius = (pages - centre[:, :, None, :]).abs().mean(dim=2)
-        return ArkValeIndex(
-            box_max=(centre + radius).to(layer.k_post.dtype),
-            box_min=(centre - radius).to(layer.k_post.dtype),
-            k_post=layer.k_post,
-            v=layer.v,
-            n_pages=n_pages,
-            dense=layer.layer_idx < self.dense_layers,
-        )
+        kept = self._kept_ids(n_tokens, n_pages).to(layer.k_post.device)
+        resident = {
+            "box_max": (centre + radius).to(layer.dtype),
+            "box_min": (centre - radius).to(layer.dtype),
+            "kept_k": layer.k_post[:, kept],
+            "kept_v": layer.v[:, kept],
+        }
+        return Built(resident=resident, offloaded={"k": layer.k_post, "v": layer.v}, **meta)
 
     # --- decode -----------------------------------------------------------------------------------
 
-    def select(self, index: ArkValeIndex, q: torch.Tensor, budget: float | int) -> PricedSelection:
-        n_kv, n_tokens, d = index.k_post.shape
-        if q.ndim != 3 or q.shape[-1] != d or q.shape[1] % n_kv:
+    def score_inputs(self, built: Built) -> dict[str, torch.Tensor]:
+        if built.dense:
+            empty = torch.zeros(built.n_kv_heads, 0, built.head_dim)
+            return {"box_max": empty, "box_min": empty}
+        return {"box_max": built.resident["box_max"], "box_min": built.resident["box_min"]}
+
+    def score_batch(self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
+        """[B, n, H_kv, candidates] box scores averaged over each selection group, repeated to its heads."""
+        n_kv, d = batch.rows[0].n_kv_heads, batch.rows[0].head_dim
+        if q.ndim != 4 or q.shape[-1] != d or q.shape[2] % n_kv:
             raise KvdiagError(
-                f"arkvale: queries of shape {tuple(q.shape)} do not fit keys {tuple(index.k_post.shape)}; "
+                f"arkvale: queries of shape {tuple(q.shape[1:])} do not fit {n_kv} KV heads of dim {d}; "
                 f"expected [n, H_q, {d}] with H_q a multiple of {n_kv}"
             )
-        n, n_q = q.shape[0], q.shape[1]
-        entry_bytes = 2 * d * BF16_BYTES
-        always = self._always_kept(index)  # [L]
-        first = self.n_sink_pages
-        last = index.n_pages - self.n_win_pages  # candidate pages: first .. last - 1
-        if index.dense or last <= first:
-            everything = torch.ones(n, n_kv, n_tokens, dtype=torch.bool, device=q.device)
-            return make_selection(everything, everything[0], entry_bytes)
-
+        b, n, n_q = q.shape[0], q.shape[1], q.shape[2]
         group = self._group(n_kv)
-        n_groups = n_kv // group
-        scores = box_upper_bound_scores(q, index.box_max[:, first:last], index.box_min[:, first:last])
-        scores = scores.reshape(n, n_groups, group * (n_q // n_kv), last - first).mean(dim=2)
-        n_pick = math.ceil(resolve_budget(budget, n_tokens) / self.page_size)
-        pages = topk_mask(scores, n_pick).repeat_interleave(group, dim=1)  # [n, H_kv, candidates]
-        selected = torch.zeros(n, n_kv, n_tokens, dtype=torch.bool, device=q.device)
-        span = slice(first * self.page_size, last * self.page_size)
-        selected[:, :, span] = pages.repeat_interleave(self.page_size, dim=-1)
-        return make_selection(selected, always.expand(n_kv, -1), entry_bytes)
+        hi, lo = batch.inputs["box_max"].to(q.device), batch.inputs["box_min"].to(q.device)
+        scores = box_upper_bound_scores(q, hi, lo, n_valid=batch.n_blocks)  # [B, n, H_q, P]
+        scores = scores.reshape(b, n, n_kv // group, group * (n_q // n_kv), -1).mean(dim=3)
+        return scores.repeat_interleave(group, dim=2)
 
-    def keys(self, index: ArkValeIndex, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.k_post, ids)
+    def block_starts(self, built: Built) -> torch.Tensor:
+        first, last = built.info["first_page"], built.info["last_page"]
+        if built.dense:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.arange(first, last) * self.page_size
 
-    def values(self, index: ArkValeIndex, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.v, ids)
+    def n_blocks_selected(self, built: Built, budget_tokens: int) -> int:
+        return math.ceil(budget_tokens / self.page_size)
 
-    # --- accounting -------------------------------------------------------------------------------
+    def always_kept(self, built: Built, state: DecodeState) -> torch.Tensor:
+        if built.dense:
+            return super().always_kept(built, state)
+        return self._kept_ids(built.n_tokens, built.info["n_pages"]).expand(built.n_kv_heads, -1)
 
-    def resident_breakdown(self, index: ArkValeIndex) -> dict[str, int]:
-        n_kv, n_tokens, d = index.k_post.shape
-        if index.dense:
-            return {"kv": kv_bytes(n_tokens, n_kv, d)}
-        return {
-            "page_digests": 2 * index.box_max.shape[1] * n_kv * d * BF16_BYTES,
-            "sink_window_kv": kv_bytes(int(self._always_kept(index).sum()), n_kv, d),
-        }
+    def start(self, built: Built, budget: float | int) -> DecodeState:
+        state = super().start(built, budget)
+        if not built.dense:  # upstream's GPU page cache: the pages of the previous steps
+            state.cache_tokens = self.n_blocks_selected(built, state.budget_tokens) * self.page_size
+        return state
 
-    def resident_bytes(self, index: ArkValeIndex) -> int:
-        return sum(self.resident_breakdown(index).values())
-
-    def fetched_bytes(self, selection: PricedSelection) -> float:
-        return priced_fetched_bytes(selection)
+    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        source = built.resident if built.dense else built.offloaded
+        return gather_tokens(source["k"], ids).float(), gather_tokens(source["v"], ids).float()
 
     # --- helpers ----------------------------------------------------------------------------------
 
@@ -190,10 +170,9 @@ class ArkVale(Method):
             )
         return group
 
-    def _always_kept(self, index: ArkValeIndex) -> torch.Tensor:
-        """[L] bool: tokens of the sink pages and of the window pages."""
-        n_tokens = index.k_post.shape[1]
-        pos = torch.arange(n_tokens, device=index.k_post.device)
+    def _kept_ids(self, n_tokens: int, n_pages: int) -> torch.Tensor:
+        """[a] long: tokens of the sink pages and of the window pages."""
+        pos = torch.arange(n_tokens)
         sink_end = self.n_sink_pages * self.page_size
-        window_start = max(index.n_pages - self.n_win_pages, 0) * self.page_size
-        return (pos < sink_end) | (pos >= window_start)
+        window_start = max(n_pages - self.n_win_pages, 0) * self.page_size
+        return pos[(pos < sink_end) | (pos >= window_start)]

@@ -7,41 +7,41 @@ from typing import ClassVar
 
 import torch
 
-from kvdiag.methods._scoring import kv_bytes, make_selection, priced_fetched_bytes, take_tokens
-from kvdiag.methods.base import LayerKV, Method, Selection
+from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens
 
 
 @dataclass
 class Exact(Method):
     """Exact attention over the whole prompt (the reference every method is measured against).
 
-    Nothing is offloaded: resident bytes are the full bf16 K and V of the layer, fetched bytes 0.
-    The budget passed to `select` is ignored.
+    Resident: the layer's K and V as they are (the model's dtype); nothing is offloaded or fetched.
+    Every layer is "dense": the always-kept set is every token, and the budget is ignored.
     """
 
     name: ClassVar[str] = "exact"
     paper: ClassVar[str] = "full attention (Vaswani et al., 2017); kvdiag baseline"
 
-    def build(self, layer: LayerKV) -> LayerKV:
-        return layer
+    def build(self, layer: LayerKV) -> Built:
+        return Built(
+            resident={"k": layer.k_post, "v": layer.v},
+            offloaded={},
+            n_tokens=layer.n_tokens,
+            n_kv_heads=layer.n_kv_heads,
+            head_dim=layer.head_dim,
+            scaling=layer.scaling,
+            dense=True,
+        )
 
-    def select(self, index: LayerKV, q: torch.Tensor, budget: float | int | None = None) -> Selection:
-        n, shape = q.shape[0], (index.n_kv_heads, index.n_tokens)
-        everything = torch.ones(shape, dtype=torch.bool, device=q.device)
-        none = torch.zeros(n, *shape, dtype=torch.bool, device=q.device)
-        return make_selection(none, everything, entry_bytes=0.0)
+    def score_inputs(self, built: Built) -> dict[str, torch.Tensor]:
+        return {}
 
-    def keys(self, index: LayerKV, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.k_post, ids)
+    def block_starts(self, built: Built) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.long)  # nothing is scored: every token is kept
 
-    def values(self, index: LayerKV, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.v, ids)
+    def score_batch(self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
+        return q.new_zeros(q.shape[0], q.shape[1], batch.rows[0].n_kv_heads, 0, dtype=torch.float32)
 
-    def resident_breakdown(self, index: LayerKV) -> dict[str, int]:
-        return {"kv": kv_bytes(index.n_tokens, index.n_kv_heads, index.head_dim)}
-
-    def resident_bytes(self, index: LayerKV) -> int:
-        return sum(self.resident_breakdown(index).values())
-
-    def fetched_bytes(self, selection: Selection) -> float:
-        return priced_fetched_bytes(selection)
+    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return gather_tokens(built.resident["k"], ids).float(), gather_tokens(
+            built.resident["v"], ids
+        ).float()

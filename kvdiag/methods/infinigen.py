@@ -9,37 +9,8 @@ from typing import ClassVar
 import torch
 
 from kvdiag.errors import KvdiagError
-from kvdiag.methods._scoring import (
-    BF16_BYTES,
-    PricedSelection,
-    check_float,
-    check_int,
-    kv_bytes,
-    make_selection,
-    priced_fetched_bytes,
-    take_tokens,
-)
-from kvdiag.methods.base import LayerKV, Method, resolve_budget
-
-
-@dataclass
-class InfiniGenIndex:
-    """InfiniGen's state for one layer.
-
-    skew:    [H_q, d, d] orthogonal skewing matrix A_h per query head (folded into W_q, W_k upstream)
-    partial: [H_q, d] bool, the skewed channels kept in the partial query / partial key cache
-    fold:    [H_q, d, d] A_h·diag(partial_h)·A_hᵀ: the speculated logit is (q·fold_h)·k (identical to
-             (q A_h)[partial]·(k A_h)[partial], since the skew only rotates)
-    k_post, v: [H_kv, L, d] exact keys / values (held in host memory, fetched when selected)
-    dense:   the layer is one of the first `dense_layers` (full attention)
-    """
-
-    skew: torch.Tensor
-    partial: torch.Tensor
-    fold: torch.Tensor
-    k_post: torch.Tensor
-    v: torch.Tensor
-    dense: bool
+from kvdiag.methods._scoring import check_float, check_int
+from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, ids_ascending
 
 
 def skewing_matrices(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -94,6 +65,11 @@ class InfiniGen(Method):
     layer i only for i ≥ 1). Every kept token is fetched from host memory (capacity 1.0: the whole
     KV cache lives on the host); the GPU holds the partial skewed keys.
 
+    Resident (`build`): per query head the partial skewed keys (k A_h)[partial_h] [H_q, L, P] and the
+    partial query projection A_h[:, partial_h] [H_q, d, P] (P = the largest partial channel count of
+    the layer's heads; heads with fewer channels are zero-padded, which adds nothing to their
+    logits), at the keys' dtype; offloaded: every token's K and V.
+
     Defaults are upstream's: partial_weight_ratio 0.2, alpha 5 (`LlamaAttention.alpha`; the paper
     sweeps 4–5), 2 dense layers. The study's release (`InfiniGenwithChatTemplate`, alpha=99,
     budget=0.2) decodes with a plain top-int(0.2·L) per query head and no threshold, which is
@@ -142,9 +118,11 @@ class InfiniGen(Method):
         """The study's release: top int(budget·L) per query head by speculated logits (budget 0.2)."""
         return cls(partial_weight_ratio=0.2, alpha=math.inf, dense_layers=2)
 
+    per_query_head: ClassVar[bool] = True
+
     # --- prefill ----------------------------------------------------------------------------------
 
-    def build(self, layer: LayerKV, calibration: LayerKV | None = None) -> InfiniGenIndex:
+    def build(self, layer: LayerKV, calibration: LayerKV | None = None) -> Built:
         """Skew and partial channels from `calibration` (default: the layer itself, its prompt q)."""
         calib = layer if calibration is None else calibration
         if calib.q is None:
@@ -160,71 +138,77 @@ class InfiniGen(Method):
                 f"do not match the layer's keys {tuple(layer.k_post.shape)}"
             )
         group = n_q // n_kv
+        meta = dict(n_tokens=n_tokens, n_kv_heads=n_kv, head_dim=d, scaling=layer.scaling,
+                    dense=layer.layer_idx < self.dense_layers)  # fmt: skip
+        if meta["dense"]:
+            return Built(resident={"k": layer.k_post, "v": layer.v}, offloaded={}, **meta)
         q_cal = calib.q.float()  # [H_q, T, d]
         k_cal = calib.k_post.float().repeat_interleave(group, dim=0)  # [H_q, T, d]
         skew = skewing_matrices(q_cal, k_cal)
         n_keep = max(1, int(d * self.partial_weight_ratio))
-        partial = partial_channels(q_cal @ skew, k_cal @ skew, n_keep)
-        fold = skew @ (partial[:, :, None] * skew.transpose(1, 2))  # A diag(m) Aᵀ
-        return InfiniGenIndex(
-            skew=skew,
-            partial=partial,
-            fold=fold,
-            k_post=layer.k_post,
-            v=layer.v,
-            dense=layer.layer_idx < self.dense_layers,
-        )
+        partial = partial_channels(q_cal @ skew, k_cal @ skew, n_keep)  # [H_q, d] bool
+        width = int(partial.sum(dim=-1).max())
+        # each head's partial channels first (in channel order), zero columns after
+        order = torch.argsort((~partial).to(torch.int8), dim=-1, stable=True)[:, :width]  # [H_q, P]
+        used = partial.gather(1, order)  # [H_q, P] False on padding
+        projection = skew.gather(2, order[:, None, :].expand(-1, d, -1)) * used[:, None, :]  # [H_q, d, P]
+        keys = layer.k_post.float().repeat_interleave(group, dim=0)  # [H_q, L, d]
+        resident = {
+            "partial_keys": torch.einsum("hld,hdp->hlp", keys, projection).to(layer.dtype),  # [H_q, L, P]
+            "partial_query": projection.to(layer.dtype),  # [H_q, d, P]
+        }
+        info = {"partial_channels": int(partial.sum()), "skew": skew, "partial": partial}
+        return Built(resident=resident, offloaded={"k": layer.k_post, "v": layer.v}, info=info, **meta)
 
     # --- decode -----------------------------------------------------------------------------------
 
-    def speculated_logits(self, index: InfiniGenIndex, q: torch.Tensor) -> torch.Tensor:
-        """[n, H_q, L] (q A)[partial]·(k A)[partial] / √d for decode queries q [n, H_q, d]."""
-        n_kv, _, d = index.k_post.shape
-        n_q = index.skew.shape[0]
-        if q.ndim != 3 or q.shape[1:] != (n_q, d):
+    def score_inputs(self, built: Built) -> dict[str, torch.Tensor]:
+        if built.dense:
+            return {"partial_query": torch.zeros(1, built.head_dim, 0), "partial_keys": torch.zeros(1, 0, 0)}
+        return {
+            "partial_query": built.resident["partial_query"],
+            "partial_keys": built.resident["partial_keys"],
+        }
+
+    def score_batch(self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
+        """[B, n, H_q, L] speculated logits (q A)[partial]·(k A)[partial] / √d for q [B, n, H_q, d]."""
+        proj = batch.inputs["partial_query"].to(q.device).float()  # [B, H_q, d, P]
+        keys = batch.inputs["partial_keys"].to(q.device).float()  # [B, H_q, L, P]
+        n_q, d = proj.shape[1], proj.shape[2]
+        if q.ndim != 4 or q.shape[2:] != (n_q, d):
             raise KvdiagError(
-                f"infinigen: queries of shape {tuple(q.shape)} do not fit; expected [n, {n_q}, {d}]"
+                f"infinigen: queries of shape {tuple(q.shape[1:])} do not fit; expected [n, {n_q}, {d}]"
             )
-        q_partial = torch.einsum("nhd,hde->nhe", q.float(), index.fold)
-        keys = index.k_post.float().repeat_interleave(n_q // n_kv, dim=0)  # [H_q, L, d]
-        return torch.einsum("nhd,hld->nhl", q_partial, keys) / math.sqrt(d)
+        q_partial = torch.einsum("bnhd,bhdp->bnhp", q.float(), proj)
+        logits = torch.einsum("bnhp,bhlp->bnhl", q_partial, keys) / math.sqrt(d)
+        valid = torch.arange(logits.shape[-1], device=q.device) < batch.n_blocks.to(q.device)[:, None]
+        return logits.masked_fill(~valid[:, None, None, :], float("-inf"))
 
-    def select(self, index: InfiniGenIndex, q: torch.Tensor, budget: float | int) -> PricedSelection:
-        n_kv, n_tokens, d = index.k_post.shape
-        entry_bytes = 2 * d * BF16_BYTES
-        logits = self.speculated_logits(index, q)  # [n, H_q, L]
-        if index.dense:
-            everything = torch.ones_like(logits, dtype=torch.bool)
-            return make_selection(
-                everything, everything[0], entry_bytes, per_query_head=True, n_kv_heads=n_kv
-            )
+    def speculated_logits(self, built: Built, q: torch.Tensor) -> torch.Tensor:
+        """[n, H_q, L] speculated logits of one prompt for q [n, H_q, d]."""
+        return self.score(built, q)
+
+    def select_batch(
+        self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState], backend: str = "torch"
+    ):
+        """Threshold rule (not a plain top-k): per head count logits ≥ max − alpha, average the count
+        over the layer's heads, cap it at the budget, keep that many top tokens per head."""
+        n_rows, n, n_q = q.shape[0], q.shape[1], q.shape[2]
+        always = self._always_batch(batch, states, n_q, q.device)
+        if all(row.dense for row in batch.rows):
+            return self._finish(batch, states, q.new_zeros(n_rows, n, n_q, 0, dtype=torch.long), always)
+        logits = self.score_batch(batch, q, states)  # [B, n, H_q, L]
         above = logits >= logits.amax(dim=-1, keepdim=True) - self.alpha
-        n_keep = above.sum(dim=-1).float().mean(dim=-1).long()  # [n]: same count for every head
-        n_keep = n_keep.clamp(1, resolve_budget(budget, n_tokens))
-        order = logits.argsort(dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(
-            -1, order, torch.arange(n_tokens, device=order.device).expand_as(order)
+        n_keep = above.sum(dim=-1).float().mean(dim=-1).long()  # [B, n]: one count for every head
+        caps = torch.tensor(
+            [0 if r.dense else st.budget_tokens for r, st in zip(batch.rows, states)], device=q.device
         )
-        selected = rank < n_keep[:, None, None]
-        return make_selection(selected, None, entry_bytes, per_query_head=True, n_kv_heads=n_kv)
+        n_keep = torch.minimum(n_keep.clamp_min(1), caps[:, None])
+        order = logits.sort(dim=-1, descending=True, stable=True).indices[..., : int(n_keep.max())]
+        rank = torch.arange(order.shape[-1], device=q.device)
+        ids = ids_ascending(torch.where(rank < n_keep[:, :, None, None], order, -1))
+        return self._finish(batch, states, ids, always)
 
-    def keys(self, index: InfiniGenIndex, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.k_post, ids)
-
-    def values(self, index: InfiniGenIndex, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.v, ids)
-
-    # --- accounting -------------------------------------------------------------------------------
-
-    def resident_breakdown(self, index: InfiniGenIndex) -> dict[str, int]:
-        """Partial skewed keys ([L, |partial_h|] per query head, 2 bytes each); full K/V if dense."""
-        n_kv, n_tokens, d = index.k_post.shape
-        if index.dense:
-            return {"kv": kv_bytes(n_tokens, n_kv, d)}
-        return {"partial_keys": int(index.partial.sum()) * n_tokens * BF16_BYTES}
-
-    def resident_bytes(self, index: InfiniGenIndex) -> int:
-        return sum(self.resident_breakdown(index).values())
-
-    def fetched_bytes(self, selection: PricedSelection) -> float:
-        return priced_fetched_bytes(selection)
+    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        source = built.resident if built.dense else built.offloaded
+        return gather_tokens(source["k"], ids).float(), gather_tokens(source["v"], ids).float()

@@ -8,18 +8,8 @@ from typing import ClassVar
 import torch
 
 from kvdiag.errors import KvdiagError
-from kvdiag.methods._scoring import (
-    BF16_BYTES,
-    PricedSelection,
-    check_choice,
-    check_float,
-    check_int,
-    make_selection,
-    priced_fetched_bytes,
-    take_tokens,
-    topk_mask,
-)
-from kvdiag.methods.base import LayerKV, Method, resolve_budget
+from kvdiag.methods._scoring import check_choice, check_float, check_int
+from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, stack_padded
 
 INITS = ("topcol", "top", "randn")
 
@@ -97,24 +87,6 @@ def lrqk_prefill(
 
 
 @dataclass
-class LRQKIndex:
-    """LRQK's state for one layer (per query head: upstream repeats the KV heads over the group).
-
-    a_k:      [H_q, L, r] low-rank key proxies (GPU-resident)
-    a_q_last: [H_q, r] the last prompt query's factor (upstream picks the prefill hit set with it)
-    b_q, b_k: [H_q, r, d] the query / key bases
-    k_post, v: [H_kv, L, d] exact keys / values (host memory; the recent tokens also on the GPU)
-    """
-
-    a_k: torch.Tensor
-    a_q_last: torch.Tensor
-    b_q: torch.Tensor
-    b_k: torch.Tensor
-    k_post: torch.Tensor
-    v: torch.Tensor
-
-
-@dataclass
 class LRQK(Method):
     """LRQK (Li et al., "Efficient Low Rank Attention for Long-Context Inference in Large Language
     Models", NeurIPS 2025; code github.com/tenghuilee/LRQK, `lrqk_attention.py`).
@@ -152,11 +124,19 @@ class LRQK(Method):
       objective decreases monotonically.
     - Upstream skips LRQK for prompts shorter than the active-token count; here any prompt whose
       older tokens fit in the budget is attended in full.
-    - `resident_bytes` counts A_K, B_Q, B_K and the recent tokens' K/V (per query head, as
-      upstream's GPU buffer); the budget-sized working buffer is not in it (it depends on budget).
+    - The GPU working set is modelled as a cache of the last step's `budget` chosen tokens (hits are
+      not fetched again; a per-query-head choice shares its KV head's cache, where upstream keeps one
+      per query head), and Ω stays the prefill working set.
+
+    Resident (`build`): A_K [H_q, L, r], B_Q [H_q, r, d], the last prompt query's factor [H_q, r]
+    (at the keys' dtype), and the recent tokens' exact K/V per query head (as upstream's GPU buffer);
+    decode state (`start`): the exact keys of the prefill working set Ω [H_q, |Ω|, d], placed on the
+    GPU at prefill. Offloaded: every token's K and V.
     """
 
     name: ClassVar[str] = "lrqk"
+    per_query_head: ClassVar[bool] = True
+    fetch_per_query_head: ClassVar[bool] = True
     paper: ClassVar[str] = (
         "Li et al., Efficient Low Rank Attention for Long-Context Inference in Large Language Models, "
         "NeurIPS 2025; github.com/tenghuilee/LRQK"
@@ -200,9 +180,12 @@ class LRQK(Method):
             raise KvdiagError(f"lrqk: rank {rank} exceeds head_dim {head_dim}; use a rank in 1..{head_dim}")
         return rank
 
+    def resolved(self, layer: LayerKV) -> dict:
+        return {"rank": self.effective_rank(layer.head_dim)}
+
     # --- prefill ----------------------------------------------------------------------------------
 
-    def build(self, layer: LayerKV) -> LRQKIndex:
+    def build(self, layer: LayerKV) -> Built:
         if layer.q is None:
             raise KvdiagError("lrqk: the layer has no prompt queries (q is None); capture with queries")
         n_kv, n_tokens, d = layer.k_post.shape
@@ -211,8 +194,9 @@ class LRQK(Method):
             raise KvdiagError(
                 f"lrqk: queries {tuple(layer.q.shape)} do not fit keys {tuple(layer.k_post.shape)}"
             )
-        keys = layer.k_post.repeat_interleave(n_q // n_kv, dim=0)  # [H_q, L, d]
-        a_q, b_q, a_k, b_k = lrqk_prefill(
+        group = n_q // n_kv
+        keys = layer.k_post.repeat_interleave(group, dim=0)  # [H_q, L, d]
+        a_q, b_q, a_k, _ = lrqk_prefill(
             layer.q,
             keys,
             self.effective_rank(d),
@@ -223,66 +207,93 @@ class LRQK(Method):
             init=self.init,
             seed=self.seed,
         )
-        return LRQKIndex(a_k=a_k, a_q_last=a_q[:, -1], b_q=b_q, b_k=b_k, k_post=layer.k_post, v=layer.v)
+        n_old = max(n_tokens - self.n_recent, 0)
+        resident = {
+            "a_k": a_k.to(layer.dtype),  # [H_q, L, r]
+            "b_q": b_q.to(layer.dtype),  # [H_q, r, d]
+            "a_q_last": a_q[:, -1].to(layer.dtype),  # [H_q, r]
+            "recent_k": keys[:, n_old:].contiguous(),  # [H_q, n_recent, d]
+            "recent_v": layer.v[:, n_old:].repeat_interleave(group, dim=0),
+        }
+        return Built(
+            resident=resident,
+            offloaded={"k": layer.k_post, "v": layer.v},
+            n_tokens=n_tokens,
+            n_kv_heads=n_kv,
+            head_dim=d,
+            scaling=layer.scaling,
+            info={"n_old": n_old, "n_q_heads": n_q},
+        )
 
     # --- decode -----------------------------------------------------------------------------------
 
-    def project_query(self, index: LRQKIndex, q: torch.Tensor, budget_tokens: int) -> torch.Tensor:
-        """[n, H_q, r] q̂ = (q B_Qᵀ + λ_a (q K_Ωᵀ) A_Ω)(B_Q B_Qᵀ + λ_a A_Ωᵀ A_Ω)⁻¹ over the prefill
-        working set Ω = top-`budget` older tokens by A_K·a_q_last ∪ the recent tokens."""
-        n_q, n_tokens, _ = index.a_k.shape
-        n_old = max(n_tokens - self.n_recent, 0)
-        hits = index.a_k[:, :n_old] @ index.a_q_last[:, :, None]  # [H_q, n_old, 1]
-        hit_ids = hits[..., 0].topk(min(budget_tokens, n_old), dim=-1).indices  # [H_q, b]
-        recent = torch.arange(n_old, n_tokens, device=hit_ids.device).expand(n_q, -1)
+    def start(self, built: Built, budget: float | int) -> DecodeState:
+        """Ω = the top-`budget` older tokens by A_K·a_q_last ∪ the recent tokens; their exact keys are
+        on the GPU from prefill (the only read of the offloaded payload outside `materialize`)."""
+        state = super().start(built, budget)
+        res, n_old = built.resident, built.info["n_old"]
+        a_k, a_q_last = res["a_k"].float(), res["a_q_last"].float()
+        n_q = a_k.shape[0]
+        hits = (a_k[:, :n_old] @ a_q_last[:, :, None])[..., 0]  # [H_q, n_old]
+        hit_ids = hits.topk(min(state.budget_tokens, n_old), dim=-1).indices
+        recent = torch.arange(n_old, built.n_tokens, device=hit_ids.device).expand(n_q, -1)
         omega = torch.cat([hit_ids, recent], dim=1)  # [H_q, m]
-        keys = index.k_post.repeat_interleave(n_q // index.k_post.shape[0], dim=0).to(index.a_k.dtype)
-        k_omega = take_tokens(keys, omega)  # [H_q, m, d]
-        a_omega = take_tokens(index.a_k, omega)  # [H_q, m, r]
+        group = n_q // built.n_kv_heads
+        keys = built.offloaded["k"].repeat_interleave(group, dim=0) if "k" in built.offloaded else None
+        state.extra["omega"] = omega
+        if keys is not None:
+            state.resident["omega_k"] = gather_tokens(keys, omega)  # [H_q, m, d]
+        state.cache_tokens = state.budget_tokens
+        return state
+
+    def score_inputs(self, built: Built) -> dict[str, torch.Tensor]:
+        res = built.resident
+        return {"a_k_old": res["a_k"][:, : built.info["n_old"]], "a_k": res["a_k"], "b_q": res["b_q"]}
+
+    def block_starts(self, built: Built) -> torch.Tensor:
+        return torch.arange(built.info["n_old"])
+
+    def n_blocks_selected(self, built: Built, budget_tokens: int) -> int:
+        return min(budget_tokens, built.info["n_old"])
+
+    def score_batch(self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
+        """[B, n, H_q, n_old] q̂·A_K[j] of the older (non-recent) prompt tokens; q̂ from
+        `project_query` over each row's working set Ω (in its decode state)."""
+        n_q, d = batch.inputs["b_q"].shape[1], batch.rows[0].head_dim
+        if q.ndim != 4 or q.shape[2:] != (n_q, d):
+            raise KvdiagError(
+                f"lrqk: queries of shape {tuple(q.shape[1:])} do not fit; expected [n, {n_q}, {d}]"
+            )
+        q_hat = self.project_query(batch, states, q)  # [B, n, H_q, r]
+        scores = torch.einsum("bnhr,bhlr->bnhl", q_hat, batch.inputs["a_k_old"].to(q.device).float())
+        valid = torch.arange(scores.shape[-1], device=q.device) < batch.n_blocks.to(q.device)[:, None]
+        return scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+
+    def project_query(self, batch: BuiltBatch, states: list[DecodeState], q: torch.Tensor) -> torch.Tensor:
+        """[B, n, H_q, r] q̂ = (q B_Qᵀ + λ_a (q K_Ωᵀ) A_Ω)(B_Q B_Qᵀ + λ_a A_Ωᵀ A_Ω)⁻¹ over each row's
+        prefill working set Ω (`start`). Zero padding of Ω adds nothing to either term."""
+        a_k = batch.inputs["a_k"].to(q.device).float()  # [B, H_q, L, r]
+        b_q = batch.inputs["b_q"].to(q.device).float()  # [B, H_q, r, d]
+        omega = stack_padded([st.extra["omega"].to(q.device) for st in states], value=-1)  # [B, H_q, m]
+        k_omega = stack_padded(
+            [st.resident["omega_k"].to(q.device).float() for st in states]
+        )  # [B, H_q, m, d]
+        safe = omega.clamp_min(0)
+        a_omega = a_k.gather(2, safe[..., None].expand(-1, -1, -1, a_k.shape[-1]))
+        a_omega = a_omega.masked_fill((omega < 0)[..., None], 0)  # [B, H_q, m, r]
         lam = self.lambda_active
-        qf = q.to(index.a_k.dtype)
-        gram = index.b_q @ index.b_q.transpose(1, 2) + lam * a_omega.transpose(1, 2) @ a_omega  # [H_q, r, r]
-        rhs = torch.einsum("nhd,hrd->hnr", qf, index.b_q)
-        rhs = rhs + lam * torch.einsum("nhm,hmr->hnr", torch.einsum("nhd,hmd->nhm", qf, k_omega), a_omega)
-        return _solve(gram, rhs, left=False).transpose(0, 1)  # [n, H_q, r]
+        qf = q.float()
+        gram = b_q @ b_q.transpose(-1, -2) + lam * a_omega.transpose(-1, -2) @ a_omega  # [B, H_q, r, r]
+        rhs = torch.einsum("bnhd,bhrd->bhnr", qf, b_q)
+        rhs = rhs + lam * torch.einsum(
+            "bnhm,bhmr->bhnr", torch.einsum("bnhd,bhmd->bnhm", qf, k_omega), a_omega
+        )
+        return _solve(gram, rhs, left=False).transpose(1, 2)  # [B, n, H_q, r]
 
-    def select(self, index: LRQKIndex, q: torch.Tensor, budget: float | int) -> PricedSelection:
-        n_kv, n_tokens, d = index.k_post.shape
-        n_q = index.a_k.shape[0]
-        if q.ndim != 3 or q.shape[1:] != (n_q, d):
-            raise KvdiagError(f"lrqk: queries of shape {tuple(q.shape)} do not fit; expected [n, {n_q}, {d}]")
-        n, budget_tokens = q.shape[0], resolve_budget(budget, n_tokens)
-        entry_bytes = 2 * d * BF16_BYTES
-        n_old = max(n_tokens - self.n_recent, 0)
-        recent = torch.zeros(n_q, n_tokens, dtype=torch.bool, device=q.device)
-        recent[:, n_old:] = True
-        selected = torch.zeros(n, n_q, n_tokens, dtype=torch.bool, device=q.device)
-        if n_old <= budget_tokens:
-            selected[:, :, :n_old] = True
-        else:
-            q_hat = self.project_query(index, q, budget_tokens)
-            scores = torch.einsum("nhr,hlr->nhl", q_hat, index.a_k[:, :n_old])
-            selected[:, :, :n_old] = topk_mask(scores, budget_tokens)
-        return make_selection(selected, recent, entry_bytes, per_query_head=True)
+    def always_kept(self, built: Built, state: DecodeState) -> torch.Tensor:
+        return torch.arange(built.info["n_old"], built.n_tokens).expand(built.n_kv_heads, -1)
 
-    def keys(self, index: LRQKIndex, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.k_post, ids)
-
-    def values(self, index: LRQKIndex, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.v, ids)
-
-    # --- accounting -------------------------------------------------------------------------------
-
-    def resident_breakdown(self, index: LRQKIndex) -> dict[str, int]:
-        n_q, n_tokens, rank = index.a_k.shape
-        d = index.k_post.shape[-1]
-        return {
-            "key_factors": (n_tokens * rank + 2 * rank * d) * n_q * BF16_BYTES,
-            "recent_kv": min(self.n_recent, n_tokens) * n_q * 2 * d * BF16_BYTES,
-        }
-
-    def resident_bytes(self, index: LRQKIndex) -> int:
-        return sum(self.resident_breakdown(index).values())
-
-    def fetched_bytes(self, selection: PricedSelection) -> float:
-        return priced_fetched_bytes(selection)
+    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return gather_tokens(built.offloaded["k"], ids).float(), gather_tokens(
+            built.offloaded["v"], ids
+        ).float()

@@ -7,16 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from kvdiag.methods._scoring import (
-    BF16_BYTES,
-    kv_bytes,
-    make_selection,
-    priced_fetched_bytes,
-    softmax_max_scores,
-    take_tokens,
-    topk_mask,
-)
-from kvdiag.methods.base import LayerKV, Method, Selection, resolve_budget
+from kvdiag.methods._scoring import softmax_max_scores
+from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens
 
 
 @dataclass
@@ -28,8 +20,8 @@ class Oracle(Method):
     keys; the `budget` best tokens are attended, nothing else (no local window, no sinks). This is
     the "oracle" of arXiv 2604.08426 (claim 2), which the paper compares with landmark selection.
 
-    Bytes: an oracle is not a runtime method; kvdiag charges it the full bf16 keys as resident
-    (scoring needs them) and the bf16 values of the selected tokens as fetched.
+    Storage: an oracle is not a runtime method; it keeps the exact keys resident (scoring needs
+    them) and fetches the values of the selected tokens. Scores are fp32 whatever the layer dtype.
     """
 
     name: ClassVar[str] = "oracle"
@@ -37,29 +29,25 @@ class Oracle(Method):
         "oracle top-k baseline of arXiv 2604.08426 (yandex-research/context-intensive-kv-offloading)"
     )
 
-    def build(self, layer: LayerKV) -> LayerKV:
-        return layer
+    def build(self, layer: LayerKV) -> Built:
+        return Built(
+            resident={"k": layer.k_post},
+            offloaded={"v": layer.v},
+            n_tokens=layer.n_tokens,
+            n_kv_heads=layer.n_kv_heads,
+            head_dim=layer.head_dim,
+            scaling=layer.scaling,
+        )
 
-    def scores(self, index: LayerKV, q: torch.Tensor) -> torch.Tensor:
-        """[n, H_kv, L] selection scores of every prompt token."""
-        return softmax_max_scores(q, index.k_post, index.scaling)
+    def score_inputs(self, built: Built) -> dict[str, torch.Tensor]:
+        return {"k": built.resident["k"]}
 
-    def select(self, index: LayerKV, q: torch.Tensor, budget: float | int) -> Selection:
-        k = resolve_budget(budget, index.n_tokens)
-        chosen = topk_mask(self.scores(index, q), k)
-        return make_selection(chosen, None, entry_bytes=index.head_dim * BF16_BYTES)
+    def score_batch(self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
+        """[B, n, H_kv, L] selection scores of every prompt token."""
+        k = batch.inputs["k"].to(q.device)
+        return softmax_max_scores(q, k, batch.rows[0].scaling, n_valid=batch.n_blocks)
 
-    def keys(self, index: LayerKV, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.k_post, ids)
-
-    def values(self, index: LayerKV, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.v, ids)
-
-    def resident_breakdown(self, index: LayerKV) -> dict[str, int]:
-        return {"keys": kv_bytes(index.n_tokens, index.n_kv_heads, index.head_dim, values=False)}
-
-    def resident_bytes(self, index: LayerKV) -> int:
-        return sum(self.resident_breakdown(index).values())
-
-    def fetched_bytes(self, selection: Selection) -> float:
-        return priced_fetched_bytes(selection)
+    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return gather_tokens(built.resident["k"], ids).float(), gather_tokens(
+            built.offloaded["v"], ids
+        ).float()

@@ -11,53 +11,43 @@ import torch
 from kvdiag.capture.rope import apply_rope
 from kvdiag.errors import KvdiagError
 from kvdiag.methods._scoring import (
-    BF16_BYTES,
     FLOAT_DTYPES,
     check_choice,
     check_int,
     check_quant_spec,
-    chunks_to_tokens,
-    kv_bytes,
-    make_selection,
-    priced_fetched_bytes,
-    roundtrip_rows,
-    row_bytes,
+    load_rows,
+    load_token_rows,
+    numerics_of,
     scaled_rank,
     softmax_max_scores,
-    take_tokens,
-    topk_mask,
+    store_rows,
 )
-from kvdiag.methods.base import LayerKV, Method, Selection, resolve_budget
+from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, overlay_exact
 
 
-@dataclass
-class ShadowKVIndex:
-    """What ShadowKV keeps for one layer after prefill.
+def chunk_landmarks(k_post: torch.Tensor, chunk: int, n_chunks: int, n_outliers: int):
+    """ShadowKV's prefill over the context chunks of one layer's post-RoPE keys [H_kv, L, d].
 
-    keys:           [H_kv, L, d] keys attention sees: exact post-RoPE for local and outlier tokens,
-                    U[pos]·SV[head] re-rotated at pos elsewhere (or `key_quant` keys when rank = 0)
-    values:         [H_kv, L, d] exact values
-    landmarks:      [H_kv, C, d] chunk means of post-RoPE keys, outliers removed, at landmark precision
-    landmark_chunks:[H_kv, C] chunk id of each landmark slot
-    outlier_chunks: [H_kv, n_outliers] chunk ids kept exact on the GPU
-    always:         [H_kv, L] bool, local window ∪ outlier tokens (resident, always attended)
-    u:              [L, r] left singular vectors (None when rank = 0)
-    sv:             [H_kv, r, d] S_r·V_rᵀ split per head (None when rank = 0)
+    Returns (landmarks [H_kv, C, d] in k_post's dtype, landmark_chunks [H_kv, C] long, outliers
+    [H_kv, n_outliers] long): chunk means, the chunks with the lowest minimum cosine similarity
+    between the mean and its keys (with chunk = 1 upstream takes the first chunks), and the means
+    of the remaining chunks in chunk order. The arithmetic runs in k_post's dtype, as upstream does
+    on its bf16 cache (fp32 captures stay fp32).
     """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    landmarks: torch.Tensor
-    landmark_chunks: torch.Tensor
-    outlier_chunks: torch.Tensor
-    always: torch.Tensor
-    u: torch.Tensor | None
-    sv: torch.Tensor | None
-    rank: int
-    n_local: int
-    n_tokens: int
-    n_kv_heads: int
-    head_dim: int
+    n_kv, _, d = k_post.shape
+    ctx = k_post[:, : n_chunks * chunk].reshape(n_kv, n_chunks, chunk, d)
+    means = ctx.mean(dim=2)  # [H_kv, n_chunks, d]
+    if chunk > 1:
+        cos = torch.nn.functional.cosine_similarity(means[:, :, None, :].expand_as(ctx), ctx, dim=-1)
+        outliers = cos.amin(dim=-1).topk(n_outliers, dim=-1, largest=False).indices  # [H_kv, n_out]
+    else:
+        outliers = torch.arange(n_outliers, device=k_post.device).expand(n_kv, -1)
+    keep = torch.ones(n_kv, n_chunks, dtype=torch.bool, device=k_post.device)
+    keep.scatter_(1, outliers, False)
+    landmark_chunks = torch.arange(n_chunks, device=k_post.device).expand(n_kv, -1)[keep]
+    landmark_chunks = landmark_chunks.reshape(n_kv, n_chunks - n_outliers)
+    landmarks = means.gather(1, landmark_chunks[:, :, None].expand(-1, -1, d))
+    return landmarks, landmark_chunks, outliers
 
 
 @dataclass
@@ -73,32 +63,35 @@ class ShadowKV(Method):
     similarity between the chunk mean and its keys, kept exact on the GPU and removed from the
     landmarks. Decode: score = softmax over landmarks of q·l/√d per query head, max over the G query
     heads; top budget // chunk chunks per KV head; their keys rebuilt as U[pos]·SV[head] and
-    re-rotated at their positions (`kvdiag.capture.rope.apply_rope`), values fetched exact.
+    re-rotated at their positions (`materialize`), values fetched from host memory.
+
+    Resident (`build`): u [L, r], sv [H_kv, r, d] (factor_dtype), landmarks (stored with
+    `landmark_quant` as rows of H_kv·d channels), landmark_chunks [H_kv, C] int32 (upstream keeps this
+    index too), the outlier tokens' exact K/V and ids, the local tail's exact K/V. Offloaded: v
+    [H_kv, L, d] as captured. With rank = 0 the keys are stored quantized (`key_quant`) and resident
+    (upstream keys_on_device with rank = -1).
 
     Rank rule: `rank` is given for `rank_channels` (1024) KV channels and scales with the layer's
     H_kv·d: r = round(rank · H_kv·d / rank_channels), e.g. 160 → 80 at 512 channels, 30 at 192 (see
-    `resolved_rank`). rank = 0 disables the SVD: keys are then pre-RoPE keys round-tripped through
+    `resolved`). rank = 0 disables the SVD: keys are then pre-RoPE keys round-tripped through
     `key_quant` and re-rotated (upstream rank = -1 with keys_fp8 / keys_nvfp4 / keys_higgs).
 
-    Deviations from the public code, and why:
+    Numerics: on a bf16 layer (a bf16 model, as upstream runs) chunk means, the outlier cosine and
+    the scores follow upstream's bf16 arithmetic (bf16 logits, softmax in fp32 rounded to bf16, max in
+    bf16: `kvdiag.kernels.naive.softmax_max_scores(numerics="bf16")`); on an fp32 capture everything
+    is fp32. Still different from upstream, and why:
     - scale: ByteDance's code divides by √128 (hard-coded); the study's fork and kvdiag use √d. Equal
       for d = 128.
-    - numerics: scores are kept in fp32 (upstream casts the softmax to bf16 before summing and taking
-      the max): fewer ties, otherwise the same ranking.
+    - ties: top-k breaks equal scores toward the lower chunk index (upstream: torch.topk's order,
+      unspecified); bf16 scores tie often, so a few chunks differ between the two at a tie.
+    - rebuilt keys: U[pos]·SV is computed in fp32 from the stored factors and re-rotated in fp32
+      (upstream: bf16 matmul and its bf16 RoPE kernel).
     - small prompts: upstream asserts enough chunks; kvdiag clamps the outlier count and the selected
       chunk count to the chunks available, so any L works.
     - chunk = 1: upstream then takes the *first* `outlier_chunks` tokens as "outliers" (cosine
       similarity is meaningless for one key); kvdiag does the same.
-    - landmark precision: `landmark_quant` round-trips the landmarks through `kvdiag.quant` laid out as
-      rows of H_kv·d channels, like the study's fork (which lays out landmark *slots*, not chunks, per
-      row); bf16 is the ShadowKV default, the fork's HIGGS grids are e.g. "higgs:EDEN4-256".
     - budget: upstream requires budget to be a multiple of chunk; kvdiag selects budget // chunk chunks.
     - generated tokens are always attended by the caller (as upstream, which keeps them on the GPU).
-
-    Bytes (GPU-resident per layer): U at bf16 (2·r bytes per token: 320 B at r = 160), SV, landmarks
-    at their precision (256 B per token at 8×128 channels in bf16 with chunk 8), outlier and local
-    tokens as exact bf16 K and V. The landmark → chunk index (int64) is not counted. Fetched per step:
-    bf16 values of the selected tokens (keys are rebuilt on the GPU).
     """
 
     name: ClassVar[str] = "shadowkv"
@@ -131,6 +124,10 @@ class ShadowKV(Method):
         check_choice(self.name, "factor_dtype", self.factor_dtype, FLOAT_DTYPES)
         check_quant_spec(self.name, "key_quant", self.key_quant)
 
+    @property
+    def block_size(self) -> int:
+        return self.chunk
+
     def resolved_rank(self, n_channels: int, n_tokens: int | None = None) -> int:
         """The SVD rank used for a layer of n_channels = H_kv·d (0 = no SVD)."""
         if self.rank == 0:
@@ -144,104 +141,97 @@ class ShadowKV(Method):
             )
         return rank
 
+    def resolved(self, layer: LayerKV) -> dict:
+        return {"rank": self.resolved_rank(layer.n_kv_heads * layer.head_dim, layer.n_tokens)}
+
     # --- prefill ----------------------------------------------------------------------------------
 
-    def build(self, layer: LayerKV) -> ShadowKVIndex:
+    def build(self, layer: LayerKV) -> Built:
         n_kv, n_tokens, d = layer.k_post.shape
-        k_post = layer.k_post.float()
         chunk = self.chunk
         n_chunks = max(0, n_tokens // chunk - self.local // chunk)
         n_local = n_tokens - n_chunks * chunk  # local window + alignment tail, exact and resident
+        n_out = min(self.outlier_chunks, n_chunks)
+        resident = {}
 
-        # low-rank factor of the pre-RoPE keys, all heads side by side
         rank = self.resolved_rank(n_kv * d, n_tokens)
-        u = sv = None
         if rank:
             flat = layer.k_pre.float().transpose(0, 1).reshape(n_tokens, n_kv * d)  # [L, H_kv·d]
             u_full, s, vh = torch.linalg.svd(flat, full_matrices=False)
             dtype = FLOAT_DTYPES[self.factor_dtype]
-            u = u_full[:, :rank].to(dtype)  # [L, r]
-            sv = (s[:rank, None] * vh[:rank]).reshape(rank, n_kv, d).transpose(0, 1).to(dtype)  # [H_kv, r, d]
-            rebuilt_pre = torch.einsum("lr,hrd->hld", u.float(), sv.float())
+            resident["u"] = u_full[:, :rank].to(dtype).contiguous()  # [L, r]
+            sv = (s[:rank, None] * vh[:rank]).reshape(rank, n_kv, d).transpose(0, 1)
+            resident["sv"] = sv.to(dtype).contiguous()  # [H_kv, r, d]
         else:
-            rebuilt_pre = roundtrip_rows(self.key_quant, layer.k_pre)
-        keys = apply_rope(rebuilt_pre, layer.cos, layer.sin).float()
+            resident["keys"] = store_rows(self.key_quant, layer.k_pre)
 
-        # landmarks and outliers over the context chunks
-        ctx = k_post[:, : n_chunks * chunk].reshape(n_kv, n_chunks, chunk, d)
-        means = ctx.mean(dim=2)  # [H_kv, n_chunks, d]
-        n_out = min(self.outlier_chunks, n_chunks)
-        if chunk > 1:
-            min_cos = torch.nn.functional.cosine_similarity(means[:, :, None, :], ctx, dim=-1).amin(dim=-1)
-            outliers = min_cos.topk(n_out, dim=-1, largest=False).indices  # [H_kv, n_out]
-        else:
-            outliers = torch.arange(n_out, device=k_post.device).expand(n_kv, -1)
-        is_outlier = torch.zeros(n_kv, n_chunks, dtype=torch.bool, device=k_post.device)
-        is_outlier.scatter_(1, outliers, True)
-        all_chunks = torch.arange(n_chunks, device=k_post.device).expand(n_kv, -1)
-        landmark_chunks = all_chunks[~is_outlier].reshape(n_kv, n_chunks - n_out)
-        landmarks = means.gather(1, landmark_chunks[:, :, None].expand(-1, -1, d))
-        landmarks = roundtrip_rows(self.landmark_quant, landmarks)
-
-        always = torch.zeros(n_kv, n_tokens, dtype=torch.bool, device=k_post.device)
-        always[:, n_tokens - n_local :] = True
-        always |= chunks_to_tokens(
-            torch.ones(1, n_kv, n_out, dtype=torch.bool, device=k_post.device), outliers, chunk, n_tokens
-        )[0]
-        keys = torch.where(always[:, :, None], k_post, keys)
-
-        return ShadowKVIndex(
-            keys=keys,
-            values=layer.v,
-            landmarks=landmarks,
-            landmark_chunks=landmark_chunks,
-            outlier_chunks=outliers,
-            always=always,
-            u=u,
-            sv=sv,
-            rank=rank,
-            n_local=n_local,
+        landmarks, landmark_chunks, outliers = chunk_landmarks(layer.k_post, chunk, n_chunks, n_out)
+        resident["landmarks"] = store_rows(self.landmark_quant, landmarks)
+        resident["landmark_chunks"] = landmark_chunks.to(torch.int32)
+        offsets = torch.arange(chunk, device=outliers.device)
+        outlier_ids = (
+            (outliers[:, :, None] * chunk + offsets).reshape(n_kv, n_out * chunk).sort(dim=-1).values
+        )
+        resident["outlier_ids"] = outlier_ids.to(torch.int32)
+        resident["outlier_k"] = gather_tokens(layer.k_post, outlier_ids)
+        resident["outlier_v"] = gather_tokens(layer.v, outlier_ids)
+        resident["local_k"] = layer.k_post[:, n_tokens - n_local :].contiguous()
+        resident["local_v"] = layer.v[:, n_tokens - n_local :].contiguous()
+        return Built(
+            resident=resident,
+            offloaded={"v": layer.v},
             n_tokens=n_tokens,
             n_kv_heads=n_kv,
             head_dim=d,
+            scaling=layer.scaling,
+            rope=(layer.cos, layer.sin),
+            info={
+                "rank": rank,
+                "n_local": n_local,
+                "n_chunks": n_chunks,
+                "numerics": numerics_of(layer.dtype),
+            },
         )
 
     # --- decode -----------------------------------------------------------------------------------
 
-    def scores(self, index: ShadowKVIndex, q: torch.Tensor) -> torch.Tensor:
-        """[n, H_kv, C] landmark scores (slot order of `index.landmark_chunks`)."""
-        return softmax_max_scores(q, index.landmarks, 1.0 / math.sqrt(index.head_dim))
+    def landmarks(self, built: Built) -> torch.Tensor:
+        """[H_kv, C, d] the landmarks as stored, decoded (memoised per layer)."""
+        return built.decoded("landmarks", lambda qt: load_rows(qt, built.n_kv_heads))
 
-    def select(self, index: ShadowKVIndex, q: torch.Tensor, budget: float | int) -> Selection:
-        n_select = resolve_budget(budget, index.n_tokens) // self.chunk
-        chosen_slots = topk_mask(self.scores(index, q), n_select)
-        chosen = chunks_to_tokens(chosen_slots, index.landmark_chunks, self.chunk, index.n_tokens)
-        return make_selection(chosen, index.always, entry_bytes=index.head_dim * BF16_BYTES)
+    def score_inputs(self, built: Built) -> dict[str, torch.Tensor]:
+        return {"landmarks": self.landmarks(built)}
 
-    def keys(self, index: ShadowKVIndex, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.keys, ids)
+    def score_batch(self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
+        """[B, n, H_kv, C] landmark scores (slot order of `landmark_chunks`)."""
+        row = batch.rows[0]
+        return softmax_max_scores(q, batch.inputs["landmarks"].to(q.device), 1.0 / math.sqrt(row.head_dim),
+                                  numerics=row.info["numerics"], n_valid=batch.n_blocks)  # fmt: skip
 
-    def values(self, index: ShadowKVIndex, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.values, ids)
+    def block_starts(self, built: Built) -> torch.Tensor:
+        return built.resident["landmark_chunks"].long() * self.chunk
 
-    # --- bytes ------------------------------------------------------------------------------------
+    def always_kept(self, built: Built, state: DecodeState) -> torch.Tensor:
+        outliers = built.resident["outlier_ids"].long()
+        return torch.cat([outliers, self._local_ids(built).to(outliers.device)], dim=1)
 
-    def resident_breakdown(self, index: ShadowKVIndex) -> dict[str, int]:
-        n_kv, d, n_tokens = index.n_kv_heads, index.head_dim, index.n_tokens
-        factor_bytes = FLOAT_DTYPES[self.factor_dtype].itemsize
-        out = {
-            "u_factor": n_tokens * index.rank * factor_bytes,
-            "sv_factor": n_kv * index.rank * d * factor_bytes,
-            "landmarks": round(index.landmarks.shape[1] * row_bytes(self.landmark_quant, n_kv * d)),
-            "outliers": kv_bytes(index.outlier_chunks.shape[1] * self.chunk, n_kv, d),
-            "local": kv_bytes(index.n_local, n_kv, d),
-        }
-        if index.rank == 0:  # keys_on_device upstream: the quantized pre-RoPE keys stay on the GPU
-            out["keys"] = round(n_tokens * row_bytes(self.key_quant, n_kv * d))
-        return out
+    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        res = built.resident
+        safe = ids.clamp_min(0).long()
+        if built.info["rank"]:
+            u = res["u"].float()[safe]  # [H_kv, m, r]
+            pre = torch.einsum("hmr,hrd->hmd", u, res["sv"].float())
+        else:
+            pre = load_token_rows(res["keys"], ids, built.n_kv_heads)
+        cos, sin = built.rope
+        keys = apply_rope(pre, cos.float()[safe], sin.float()[safe]).float()
+        values = gather_tokens(built.offloaded["v"], ids).float()
+        # outlier and local tokens are exact on the GPU
+        exact_ids = self.always_kept(built, None)
+        exact_k = torch.cat([res["outlier_k"], res["local_k"]], dim=1).float()
+        exact_v = torch.cat([res["outlier_v"], res["local_v"]], dim=1).float()
+        return overlay_exact(keys, values, ids, exact_ids, exact_k, exact_v)
 
-    def resident_bytes(self, index: ShadowKVIndex) -> int:
-        return sum(self.resident_breakdown(index).values())
-
-    def fetched_bytes(self, selection: Selection) -> float:
-        return priced_fetched_bytes(selection)
+    def _local_ids(self, built: Built) -> torch.Tensor:
+        n_local = built.info["n_local"]
+        return torch.arange(built.n_tokens - n_local, built.n_tokens).expand(built.n_kv_heads, -1)

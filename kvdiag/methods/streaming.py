@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from kvdiag.methods._scoring import check_int, kv_bytes, make_selection, priced_fetched_bytes, take_tokens
-from kvdiag.methods.base import LayerKV, Method, Selection, resolve_budget
+from kvdiag.methods._scoring import check_int
+from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, resolve_budget
 
 
 @dataclass
@@ -19,8 +19,9 @@ class StreamingLLM(Method):
     Upstream (mit-han-lab/streaming-llm) evicts the rest during prefill-free streaming and
     re-indexes positions inside its cache; kvdiag keeps the model's own prompt positions (what the
     paper calls the "w/o re-computation" setting on a finished prompt) and only masks. When the
-    budget is below `sinks`, only the first `budget` sink tokens are kept. Everything kept is
-    resident (bf16 K and V); nothing is fetched.
+    budget is below `sinks`, only the first `budget` sink tokens are kept. What is kept is resident
+    (the window is known once decode starts: `start` moves it into the decode state); the rest is
+    evicted, never fetched — kvdiag holds it as `offloaded` only so that the dense view exists.
     """
 
     name: ClassVar[str] = "streaming"
@@ -33,38 +34,53 @@ class StreamingLLM(Method):
     def __post_init__(self) -> None:
         check_int(self.name, "sinks", self.sinks, 0)
 
-    def build(self, layer: LayerKV) -> LayerKV:
-        return layer
+    def build(self, layer: LayerKV) -> Built:
+        return Built(
+            resident={},
+            offloaded={"k": layer.k_post, "v": layer.v},
+            n_tokens=layer.n_tokens,
+            n_kv_heads=layer.n_kv_heads,
+            head_dim=layer.head_dim,
+            scaling=layer.scaling,
+        )
 
-    def kept(self, n_tokens: int, budget: float | int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """[L] bool: the sinks and the recent window for this budget."""
+    def kept(self, n_tokens: int, budget: float | int) -> torch.Tensor:
+        """[a] long ids: the sinks and the recent window for this budget."""
         total = resolve_budget(budget, n_tokens)
         n_sinks = min(self.sinks, total)
-        keep = torch.zeros(n_tokens, dtype=torch.bool, device=device)
-        keep[:n_sinks] = True
-        if total > n_sinks:
-            keep[n_tokens - (total - n_sinks) :] = True
-        return keep
+        recent = torch.arange(n_tokens - (total - n_sinks), n_tokens)
+        return torch.cat([torch.arange(n_sinks), recent[recent >= n_sinks]])
 
-    def select(self, index: LayerKV, q: torch.Tensor, budget: float | int) -> Selection:
-        keep = self.kept(index.n_tokens, budget, q.device)
-        always = keep.expand(index.n_kv_heads, -1)
-        none = torch.zeros(q.shape[0], index.n_kv_heads, index.n_tokens, dtype=torch.bool, device=q.device)
-        return make_selection(none, always, entry_bytes=0.0)
+    def start(self, built: Built, budget: float | int) -> DecodeState:
+        state = super().start(built, budget)
+        ids = self.kept(built.n_tokens, state.budget_tokens).expand(built.n_kv_heads, -1)
+        state.extra["kept"] = ids
+        if "k" in built.offloaded:  # the kept window stays on the GPU for the whole decode
+            state.resident = {
+                "k": gather_tokens(built.offloaded["k"], ids),
+                "v": gather_tokens(built.offloaded["v"], ids),
+            }
+        return state
 
-    def keys(self, index: LayerKV, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.k_post, ids)
+    def score_inputs(self, built: Built) -> dict[str, torch.Tensor]:
+        return {}
 
-    def values(self, index: LayerKV, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return take_tokens(index.v, ids)
+    def block_starts(self, built: Built) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.long)  # nothing is scored: the window is fixed
 
-    def resident_breakdown(self, index: LayerKV, budget: float | int | None = None) -> dict[str, int]:
-        """bf16 K and V of the kept tokens (the whole prompt until a budget is known)."""
-        n_kept = index.n_tokens if budget is None else int(self.kept(index.n_tokens, budget).sum())
-        return {"kv": kv_bytes(n_kept, index.n_kv_heads, index.head_dim)}
+    def n_blocks_selected(self, built: Built, budget_tokens: int) -> int:
+        return 0
 
-    def resident_bytes(self, index: LayerKV, budget: float | int | None = None) -> int:
-        return sum(self.resident_breakdown(index, budget).values())
+    def score_batch(self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
+        return q.new_zeros(q.shape[0], q.shape[1], batch.rows[0].n_kv_heads, 0, dtype=torch.float32)
 
-    def fetched_bytes(self, selection: Selection) -> float:
-        return priced_fetched_bytes(selection)
+    def always_kept(self, built: Built, state: DecodeState) -> torch.Tensor:
+        return state.extra["kept"]
+
+    def entry_bytes(self, built: Built) -> float:
+        return 0.0  # nothing is fetched: what is not kept is evicted
+
+    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return gather_tokens(built.offloaded["k"], ids).float(), gather_tokens(
+            built.offloaded["v"], ids
+        ).float()

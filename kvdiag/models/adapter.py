@@ -196,3 +196,32 @@ def attention_override(model, wrapper: Callable) -> Iterator[None]:
         _set_implementation(model, previous)
         ALL_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
         ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
+
+
+def batched_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]]):
+    """A transformers cache holding several prompts left-padded to a common end.
+
+    rows[b][layer] = (k, v) [H_kv, L_b, d]: row b's prompt keys/values of every layer (post-RoPE, as
+    the model caches them). The cache is built through the cache classes' own `update` with the
+    left-padded [B, H_kv, S0, d] tensors (S0 = max L_b), so sliding-window layers keep their own
+    window as in a normal prefill. Pass the matching 2-D attention mask (0 on padding) to forward.
+    """
+    from transformers import DynamicCache
+
+    n_layers = len(rows[0])
+    s0 = max(kv[0][0].shape[1] for kv in rows)
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # older signatures
+        cache = DynamicCache()
+    for layer in range(n_layers):
+        k0, _ = rows[0][layer]
+        h_kv, _, d = k0.shape
+        keys = k0.new_zeros(len(rows), h_kv, s0, d)
+        values = k0.new_zeros(len(rows), h_kv, s0, d)
+        for b, kv in enumerate(rows):
+            k, v = kv[layer]
+            keys[b, :, s0 - k.shape[1] :] = k
+            values[b, :, s0 - v.shape[1] :] = v
+        cache.update(keys, values, layer)
+    return cache

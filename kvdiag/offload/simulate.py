@@ -1,24 +1,29 @@
-"""Accuracy simulator: make a stock HF model run an offloading method inside `generate`.
+"""Accuracy simulator: make a stock HF model run an offloading method inside its decode.
 
-    with simulate(model, get_method("yakv"), budget=0.03125) as sim:
+    with simulate(model, get_method("yakv"), budget=0.03125) as sim:      # one prompt, HF generate
         out = model.generate(input_ids, max_new_tokens=64, do_sample=False)
     sim.stats()   # fetched tokens/bytes per step, resident bytes per layer
+
+    traces = [prefill(p) for p in prompts]                                 # a batch of prompts
+    with simulate(model, method, budget, prompt_traces=traces) as sim:     # (see kvdiag.offload.decode)
+        ... decode with a left-padded cache built from the traces ...
 
 What happens, per attention call (routed through `adapter.attention_override`, removed on exit):
 - prefill (the call that starts an empty cache: key length == query length): exact attention; the
   prompt's q, pre-/post-RoPE keys, values and rotary tables are recorded (the same hooks as
-  `kvdiag.capture`), and each layer's method index is built from them on first use;
-- every later call (one decode token, or several teacher-forced tokens at once): each query
-  attends to the prompt tokens the method selects for it, with the keys and values the method
-  provides (`keys()` / `values()`: exact, dequantized or rebuilt from a low-rank factor), plus,
-  exactly and causally, every token after the prompt. Several queries in one call are independent
-  decode steps of the method (what a one-token-at-a-time decode would see), so teacher forcing
-  an answer costs one forward pass.
+  `kvdiag.capture`; batch 1). With `prompt_traces` the prompts come from earlier prefills instead;
+- every later call (one decode token per row, or several teacher-forced tokens): each query attends
+  to the prompt tokens the method selects for it (`Method.select_batch` over the batch's stacked
+  builds), with the keys and values `Method.materialize` gives for them (computed once per layer
+  for every prompt token: the method's dense view), plus, exactly and causally, every token after
+  the prompt. Several queries in one call are independent decode steps of the method (what a
+  one-token-at-a-time decode would see), so teacher forcing an answer costs one forward pass.
+  The attention itself is `kvdiag.attention.masked_attention`, the one masked GQA attention.
 
-Layers with a sliding window (Gemma3's local layers) attend exactly: their window is already a
-small resident set. Batch size 1. Scores and softmax in float32, output in the model's dtype.
-Because `kvdiag.analysis.recall` uses the same Method objects and the same split (index on the prompt,
-exact tail), the simulator and the recall analysis agree by construction.
+Batches: rows are left-padded so that every prompt ends at the same cache position S0; row b's
+prompt occupies cache positions [S0 − L_b, S0). Padding positions are never attended. Layers with a
+sliding window (Gemma3's local layers) attend exactly: their window is already a small resident
+set. Scores and softmax in float32; the dense views are kept in the model's dtype.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvdiag.attention import masked_attention
 from kvdiag.capture import Recorder, recording_hooks, resolve_layers
 from kvdiag.errors import KvdiagError
 from kvdiag.methods.base import Method, resolve_budget
@@ -36,125 +42,183 @@ from kvdiag.models import adapter
 
 
 @dataclass
+class LayerState:
+    """A method's state for one layer of a batch: builds, stacked scoring inputs, decode states and
+    the dense views aligned to the cache (k/v [B, H_kv, S0, d], zeros on padding)."""
+
+    builts: list
+    batch: object
+    states: list
+    view_k: torch.Tensor
+    view_v: torch.Tensor
+
+
+@dataclass
 class SimulationState:
-    """What the simulator knows about the current prompt; `stats()` summarises decode steps."""
+    """What the simulator knows about the current prompts; `stats()` summarises decode steps."""
 
     method: Method
     budget: float | int
     layers: set[int]
     recorder: Recorder
-    prompt_len: int | None = None
-    budget_tokens: int | None = None
-    indices: dict = field(default_factory=dict)
-    seen_kv: dict = field(default_factory=dict)
-    steps: list = field(default_factory=list)
-    resident: dict = field(default_factory=dict)
+    traces: list = field(default_factory=list)
+    per_layer: dict = field(default_factory=dict)
+    queries: torch.Tensor | None = None  # [B] decode queries seen, summed over layers
+    fetched_entries: torch.Tensor | None = None  # [B] fetched (KV head, token) entries, summed
+
+    # --- prompts --------------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget the previous prompt (called before a forward pass that starts an empty cache)."""
+        """Forget the previous prompts (called before a forward pass that starts an empty cache)."""
         self.recorder.reset()
-        self.indices.clear()
-        self.seen_kv.clear()
-        self.resident.clear()
-        self.prompt_len = self.budget_tokens = None
+        self.traces = []
+        self.per_layer.clear()
+        self.queries = self.fetched_entries = None
 
-    def new_prompt(self, length: int) -> None:
-        self.prompt_len = length
-        self.budget_tokens = resolve_budget(self.budget, length)
-
-    def load_prompt(self, trace) -> None:
-        """Take the prompt from an existing Trace instead of recording a prefill: the caller then
-        continues from a copy of that prefill's cache (see `kvdiag.eval.fidelity`)."""
-        missing = sorted(self.layers - set(trace.layers))
-        if missing:
-            raise KvdiagError(f"the prompt trace lacks layers {missing}; capture them all")
+    def load_prompts(self, traces: Sequence) -> None:
+        """Take the prompts from Traces of earlier prefills (one per batch row, all the layers the
+        method applies to): the caller continues from their caches."""
+        for trace in traces:
+            missing = sorted(self.layers - set(trace.layers))
+            if missing:
+                raise KvdiagError(f"a prompt trace lacks layers {missing}; capture them all")
         self.reset()
-        rec = self.recorder
-        rec.tensors.update({k: v for k, v in trace.tensors.items() if not k.startswith("rope.")})
-        for layer in self.layers:
-            rec.keep_rope(layer, *(t[None] for t in trace.rope(layer)))
-        rec.done_layers.update(self.layers)
-        self.new_prompt(trace.n_tokens)
+        self.traces = list(traces)
+        self.recorder.done_layers.update(self.layers)  # nothing more to record
 
-    def index(self, layer: int):
-        """The method's index for `layer`, built from the recorded prompt on first use."""
-        if layer not in self.indices:
-            trace = self.recorder.trace(with_versions=False)
-            index = self.method.build(trace.layer_kv(layer))
-            self.indices[layer] = index
-            self.seen_kv[layer] = (self.method.keys(index).float(), self.method.values(index).float())
-            self.resident[layer] = int(self.method.resident_bytes_at(index, self.budget_tokens))
-        return self.indices[layer]
+    @property
+    def prompt_lens(self) -> list[int]:
+        return [t.n_tokens for t in self.traces]
+
+    @property
+    def prompt_len(self) -> int | None:
+        return self.traces[0].n_tokens if len(self.traces) == 1 else None
+
+    @property
+    def budget_tokens(self) -> int | None:
+        return resolve_budget(self.budget, self.traces[0].n_tokens) if len(self.traces) == 1 else None
+
+    def layer(self, layer: int, device, dtype) -> LayerState:
+        """The method's state for `layer`, built from the prompts on first use."""
+        if layer not in self.per_layer:
+            method = self.method
+            builts = [method.build(t.layer_kv(layer, device=device)) for t in self.traces]
+            states = [method.start(b, self.budget_of(b.n_tokens)) for b in builts]
+            s0 = max(self.prompt_lens)
+            h_kv, d = builts[0].n_kv_heads, builts[0].head_dim
+            view_k = torch.zeros(len(builts), h_kv, s0, d, dtype=dtype, device=device)
+            view_v = torch.zeros_like(view_k)
+            for b, built in enumerate(builts):
+                k, v = method.dense_view(built)
+                view_k[b, :, s0 - built.n_tokens :] = k.to(dtype)
+                view_v[b, :, s0 - built.n_tokens :] = v.to(dtype)
+            self.per_layer[layer] = LayerState(builts, method.stack(builts), states, view_k, view_v)
+        return self.per_layer[layer]
+
+    def budget_of(self, n_tokens: int) -> int:
+        """The budget in tokens for a prompt of n_tokens (a token budget is capped at the prompt)."""
+        budget = self.budget
+        if not (isinstance(budget, float) and budget <= 1):
+            budget = min(int(budget), n_tokens)
+        return resolve_budget(budget, n_tokens)
+
+    # --- statistics -----------------------------------------------------------------------------
+
+    def resident_bytes_per_token(self) -> list[float]:
+        """Per row: mean over simulated layers of resident bytes (index + decode state) per prompt token."""
+        out = []
+        for b, n_tokens in enumerate(self.prompt_lens):
+            sizes = [self.method.resident_bytes(ls.builts[b], ls.states[b]) for ls in self.per_layer.values()]
+            out.append(sum(sizes) / len(sizes) / n_tokens if sizes else float("nan"))
+        return out
+
+    def row_stats(self, b: int) -> dict:
+        """Decode statistics of batch row b: fetched (KV head, token) entries and bytes per decode step
+        and layer (means over steps × layers), decode steps, resident bytes per prompt token."""
+        if self.queries is None or not int(self.queries[b]):
+            return {"decode_steps": 0}
+        queries, entries = int(self.queries[b]), float(self.fetched_entries[b])
+        n_layers = max(len(self.per_layer), 1)
+        entry_bytes = sum(self.method.entry_bytes(ls.builts[b]) for ls in self.per_layer.values()) / n_layers
+        return {
+            "prompt_tokens": self.prompt_lens[b],
+            "budget_tokens": self.budget_of(self.prompt_lens[b]),
+            "decode_steps": queries // n_layers,
+            "fetched_tokens_per_step_layer": entries / queries,
+            "fetched_bytes_per_step_layer": entries / queries * entry_bytes,
+            "resident_bytes_per_token_layer": self.resident_bytes_per_token()[b],
+            "simulated_layers": sorted(self.per_layer),
+        }
 
     def stats(self) -> dict:
-        """Mean fetched tokens/bytes per decode step and layer, resident bytes per layer and token."""
-        if not self.steps:
-            return {"decode_steps": 0}
-        n_layers = len(self.resident) or 1
-        return {
-            "prompt_tokens": self.prompt_len,
-            "budget_tokens": self.budget_tokens,
-            "decode_steps": sum(s["queries"] for s in self.steps) // max(len(self.resident), 1),
-            "fetched_tokens_per_step_layer": sum(s["fetched_tokens"] for s in self.steps)
-            / max(sum(s["queries"] for s in self.steps), 1),
-            "fetched_bytes_per_step_layer": sum(s["fetched_bytes"] for s in self.steps)
-            / max(len(self.steps), 1),
-            "resident_bytes_per_token_layer": sum(self.resident.values()) / n_layers / self.prompt_len,
-            "simulated_layers": sorted(self.resident),
-        }
+        """`row_stats` of a one-prompt simulation (batch row 0)."""
+        return self.row_stats(0)
+
+
+def _cache_mask(sel_mask: torch.Tensor, lens: list[int], s0: int) -> torch.Tensor:
+    """Row-token masks [B, T, H, L_max] -> cache-position masks [B, T, H, S0] (row b right-aligned)."""
+    b, t, h, l_max = sel_mask.shape
+    offsets = torch.tensor([s0 - n for n in lens], device=sel_mask.device)
+    target = offsets[:, None] + torch.arange(l_max, device=sel_mask.device)  # [B, L_max]
+    valid = (
+        torch.arange(l_max, device=sel_mask.device)[None, :]
+        < torch.tensor(lens, device=sel_mask.device)[:, None]
+    )
+    target = torch.where(valid, target, s0)  # padding columns land in a dropped extra column
+    out = torch.zeros(b, t, h, s0 + 1, dtype=torch.bool, device=sel_mask.device)
+    out.scatter_(-1, target[:, None, None, :].expand(b, t, h, l_max), sel_mask)
+    return out[..., :s0]
 
 
 def _decode_attention(state: SimulationState, module, query, key, value) -> torch.Tensor:
-    """Attention of T new queries [1, H_q, T, d] over the method's prompt view plus the exact tail.
-
-    key/value [1, H_kv, S, d] hold the whole cache (prompt, earlier tokens, the T new ones).
-    Returns [1, T, H_q, d] as transformers' attention functions do.
-    """
-    layer, length = module.layer_idx, state.prompt_len
-    index = state.index(layer)
-    keys_m, values_m = state.seen_kv[layer]  # [H_kv, L, d]
-    _, h_q, t, d = query.shape
-    h_kv, s = key.shape[1], key.shape[2]
-    group = h_q // h_kv
-    q = query[0].float()  # [H_q, T, d]
-
-    selection = state.method.select(index, q.transpose(0, 1), state.budget_tokens)  # mask [T, H_sel, L]
-    mask = selection.per_query(h_q).transpose(0, 1)  # [H_q, T, L]
-    state.steps.append({
-        "queries": t,
-        "fetched_tokens": int(selection.fetched.sum().item()) / selection.fetched.shape[1],
-        "fetched_bytes": float(state.method.fetched_bytes(selection)),
-    })  # fmt: skip
-
-    qg = q.reshape(h_kv, group, t, d)
-    prompt_logits = torch.einsum("hgtd,hld->hgtl", qg, keys_m).reshape(h_q, t, length)
-    prompt_logits = prompt_logits.masked_fill(~mask, float("-inf"))
-    tail_k, tail_v = key[0, :, length:].float(), value[0, :, length:].float()  # [H_kv, S-L, d]
-    tail_logits = torch.einsum("hgtd,hld->hgtl", qg, tail_k).reshape(h_q, t, s - length)
+    """Attention of T new queries per row [B, H_q, T, d] over the method's prompt views plus the
+    exact tail. key/value [B, H_kv, S, d] hold the whole cache (padding, prompts, the T new ones).
+    Returns [B, T, H_q, d] as transformers' attention functions do."""
+    ls = state.layer(module.layer_idx, query.device, query.dtype)
+    lens = state.prompt_lens
+    s0 = max(lens)
+    n_rows, h_q, t, _ = query.shape
+    s = key.shape[2]
+    q = query.float().transpose(1, 2)  # [B, T, H_q, d]
+    sel = state.method.select_batch(ls.batch, q, ls.states)
+    entries = sel.fetched_entries().sum(dim=(1, 2))  # [B], stays on the device (no sync per layer)
+    if state.queries is None:
+        state.queries = torch.zeros(n_rows, dtype=torch.long, device=entries.device)
+        state.fetched_entries = torch.zeros(n_rows, device=entries.device)
+    state.queries += t
+    state.fetched_entries += entries
+    mask = _cache_mask(sel.mask(), lens, s0)  # [B, T, H_sel, S0]
+    if sel.per_query_head:
+        prompt_mask = mask.transpose(1, 2)  # [B, H_q, T, S0]
+    else:
+        prompt_mask = mask.repeat_interleave(h_q // mask.shape[2], dim=2).transpose(1, 2)
     query_pos = torch.arange(s - t, s, device=q.device)
-    tail_pos = torch.arange(length, s, device=q.device)
-    tail_logits = tail_logits.masked_fill(tail_pos[None, :] > query_pos[:, None], float("-inf"))
-
-    logits = torch.cat([prompt_logits, tail_logits], dim=-1) * module.scaling
+    tail_pos = torch.arange(s0, s, device=q.device)
+    tail_mask = (tail_pos[None, :] <= query_pos[:, None]).expand(n_rows, h_q, t, s - s0)
+    keys = torch.cat([ls.view_k, key[:, :, s0:]], dim=2)
+    values = torch.cat([ls.view_v, value[:, :, s0:]], dim=2)
     softcap = getattr(adapter.text_config(module.config), "attn_logit_softcapping", None)
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    weights = torch.softmax(logits, dim=-1).reshape(h_kv, group, t, s)
-    out = torch.einsum("hgtl,hld->hgtd", weights[..., :length], values_m) + torch.einsum(
-        "hgtl,hld->hgtd", weights[..., length:], tail_v
+    out = masked_attention(
+        query, keys, values, torch.cat([prompt_mask, tail_mask], dim=-1), module.scaling, softcap
     )
-    return out.reshape(h_q, t, d).transpose(0, 1)[None].to(query.dtype)
+    return out.transpose(1, 2).to(query.dtype)
 
 
 @contextlib.contextmanager
 def simulate(
-    model, method: Method, budget: float | int, layers: str | Sequence[int] | None = "all", prompt_trace=None
+    model,
+    method: Method,
+    budget: float | int,
+    layers: str | Sequence[int] | None = "all",
+    prompt_trace=None,
+    prompt_traces: Sequence | None = None,
 ) -> Iterator[SimulationState]:
     """Run `method` at `budget` (fraction of the prompt or tokens) in `model`'s attention while open.
 
     layers: where the method applies ('all' = every full-attention layer); other layers attend exactly.
     prompt_trace: a Trace of the prompt (all those layers) whose prefill cache the caller continues
-    from, so that several methods can share one prefill.
+    from, so that several methods can share one prefill; prompt_traces: one per batch row, for a
+    batched decode from a left-padded cache (`kvdiag.offload.decode`).
     """
     if not isinstance(method, Method):
         raise KvdiagError(
@@ -166,25 +230,30 @@ def simulate(
     recorder = Recorder(model, sorted(chosen), outputs=False, store_device=device)
     state = SimulationState(method=method, budget=budget, layers=chosen, recorder=recorder)
     if prompt_trace is not None:
-        state.load_prompt(prompt_trace)
+        state.load_prompts([prompt_trace])
+    if prompt_traces is not None:
+        state.load_prompts(prompt_traces)
+    recording = {"on": False}
 
     def attend(original, module, query, key, value, attention_mask, **kwargs):
-        if query.shape[0] != 1:
-            raise KvdiagError(f"the simulator runs batch size 1, got {query.shape[0]}")
         layer, t, s = module.layer_idx, query.shape[2], key.shape[2]
-        if s == t:  # an empty cache before this call: a new prompt, attended exactly
-            if state.prompt_len is None:
-                state.new_prompt(s)
+        if s == t:  # an empty cache before this call: a new prompt, attended exactly and recorded
+            if query.shape[0] != 1:
+                raise KvdiagError(f"the simulator records prompts of batch size 1, got {query.shape[0]}")
             out, weights = original(module, query, key, value, attention_mask, **kwargs)
             recorder.on_attention(layer, query, key, value, out)
             return out, weights
-        if layer not in chosen or state.prompt_len is None:
+        if layer not in chosen or not state.traces:
             return original(module, query, key, value, attention_mask, **kwargs)
         return _decode_attention(state, module, query, key, value), None
 
     def on_forward(_module, args, kwargs):
         if adapter.cache_length(adapter.forward_cache_kwarg(kwargs)) == 0:
             state.reset()
+            recording["on"] = True
+        elif recording["on"]:  # the prompt just recorded becomes the prompt of the decode
+            state.traces = [recorder.trace(with_versions=False)]
+            recording["on"] = False
 
     handle = model.register_forward_pre_hook(on_forward, with_kwargs=True)
     try:

@@ -13,7 +13,9 @@ Specs (options after ':'):
     fp8_e4m3[:row]                E4M3 saturating cast (the study's choice) [per-row absmax scale]
     nvfp4                         E2M1 in blocks of 16, E4M3 block scales, fp32 tensor scale
     int{k}[:g{G}]                 asymmetric min/max, k = 1..8 bits, group G (default the row)
-    higgs:EDEN{d}-{n}[:g{G}|:row] HIGGS on a shipped EDEN grid, Hadamard group G (power of two,
+    higgs:EDEN{d}-{n}[@clvq][:g{G}|:row]
+                                  HIGGS on the study's published EDEN grid (or kvdiag's CLVQ
+                                  rebuild with @clvq), Hadamard group G (power of two,
                                   default 128) or the whole row
 `list_quantizers()` lists the ready-made specs with one line each.
 """
@@ -26,7 +28,7 @@ import re
 from kvdiag.errors import KvdiagError, unknown_name_error
 from kvdiag.quant.base import QuantizedTensor, Quantizer, parse_group
 from kvdiag.quant.floats import CastQuantizer, Fp8Quantizer, NvFp4Quantizer
-from kvdiag.quant.grids import grid_info, grid_names, grid_shape, load_grid
+from kvdiag.quant.grids import grid_info, grid_names, grid_shape, grid_source, load_grid
 from kvdiag.quant.hadamard import is_power_of_two, walsh_hadamard
 from kvdiag.quant.higgs import HiggsQuantizer
 from kvdiag.quant.integer import IntQuantizer
@@ -67,7 +69,8 @@ def list_quantizers() -> dict[str, str]:
         d, n = grid_shape(name)
         bits = math.log2(n) / d
         specs[f"higgs:{name}"] = (
-            f"HIGGS on the {name} grid ({bits:g} bit/coord), Hadamard group 128 (or :g<G>, :row)"
+            f"HIGGS on the {name} grid ({grid_source(name)}, {bits:g} bit/coord), Hadamard group 128 "
+            "(or :g<G>, :row)"
         )
     return specs
 
@@ -103,7 +106,8 @@ def _higgs(spec: str, opts: list[str]) -> HiggsQuantizer:
         raise KvdiagError(
             f"quantizer spec {spec!r} needs a grid, e.g. 'higgs:EDEN4-256'; grids: {', '.join(grid_names())}"
         )
-    grid = opts[0].upper()
+    base, at, source = opts[0].partition("@")
+    grid = base.upper() + (at + source.lower() if at else "")
     grid_shape(grid)  # "did you mean" on unknown grids
     if len(opts) > 2:
         raise KvdiagError(

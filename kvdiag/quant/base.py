@@ -30,6 +30,11 @@ class QuantizedTensor:
     shape:  x.shape, restored by `dequantize`
     dtype:  x.dtype, restored by `dequantize`
     spec:   the quantizer's canonical name, checked by `dequantize`
+    code_bits: bits one element of `codes` takes when packed (the codes themselves are stored one per
+            tensor element)
+
+    Rows: codes and per-row scales have R = prod(shape[:-1]) rows along their first dim (per-tensor
+    scales are 0-dim); `take_rows(ids)` keeps some rows, as a runtime gathers stored tokens.
     """
 
     codes: torch.Tensor
@@ -37,6 +42,34 @@ class QuantizedTensor:
     shape: torch.Size
     dtype: torch.dtype
     spec: str
+    code_bits: float = 8.0
+
+    @property
+    def n_rows(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Storage: the codes packed at `code_bits` each, plus every scale tensor as stored."""
+        code_bytes = math.ceil(self.codes.numel() * self.code_bits / 8)
+        return code_bytes + sum(s.numel() * s.element_size() for s in self.scales)
+
+    def take_rows(self, ids: torch.Tensor) -> QuantizedTensor:
+        """The stored rows at `ids` ([k] long): shape (k, n), same spec."""
+        ids = ids.to(self.codes.device).long()
+        scales = tuple(s[ids] if s.dim() and s.shape[0] == self.n_rows else s for s in self.scales)
+        shape = torch.Size((ids.numel(), self.shape[-1]))
+        return QuantizedTensor(self.codes[ids], scales, shape, self.dtype, self.spec, self.code_bits)
+
+    def to(self, device) -> QuantizedTensor:
+        """The same stored tensor on `device` (host offload, GPU residency)."""
+        return QuantizedTensor(self.codes.to(device), tuple(s.to(device) for s in self.scales),
+                               self.shape, self.dtype, self.spec, self.code_bits)  # fmt: skip
+
+    def map(self, fn) -> QuantizedTensor:
+        """`fn` applied to the codes and every scale (e.g. poisoning a payload in tests)."""
+        return QuantizedTensor(fn(self.codes), tuple(fn(s) for s in self.scales), self.shape, self.dtype,
+                               self.spec, self.code_bits)  # fmt: skip
 
 
 class Quantizer(ABC):

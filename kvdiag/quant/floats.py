@@ -40,7 +40,7 @@ class CastQuantizer(Quantizer):
         self.target = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
-        return QuantizedTensor(as_rows(x).to(self.target), (), x.shape, x.dtype, self.name)
+        return QuantizedTensor(as_rows(x).to(self.target), (), x.shape, x.dtype, self.name, code_bits=16)
 
     def _decode(self, qt: QuantizedTensor) -> torch.Tensor:
         return qt.codes.float()
@@ -104,7 +104,9 @@ class NvFp4Quantizer(Quantizer):
         scale = scale_e4m3.float() / tensor_scale  # [R, m], the decode scale actually stored
         scaled = blocks / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
         codes = round_e2m1(scaled.clamp(-E2M1_MAX, E2M1_MAX))
-        return QuantizedTensor(codes, (scale_e4m3, tensor_scale.float()), x.shape, x.dtype, self.name)
+        return QuantizedTensor(
+            codes, (scale_e4m3, tensor_scale.float()), x.shape, x.dtype, self.name, code_bits=4
+        )
 
     def _decode(self, qt: QuantizedTensor) -> torch.Tensor:
         scale_e4m3, tensor_scale = qt.scales

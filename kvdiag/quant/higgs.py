@@ -14,14 +14,18 @@ for a generic x they are close to N(0, 1) (the rotation spreads the energy), whi
 an MSE-optimal quantizer of a *standard* Gaussian, expects. The relative error ‖x − x̂‖² / ‖x‖²
 is the grid's error per coordinate of y (times s² / g).
 
-Faithful to the release (`shadowkv_models/quantization/higgs.py`): no random signs before the
-Hadamard transform (the weight-HIGGS "RHT" signs are not used for KV), zero padding to the group,
-and after the lookup the padded coordinates are cut before the inverse transform. Deviations:
+Faithful to the release's simulator (`shadowkv_models/quantization/higgs.py`): no random signs
+before the Hadamard transform (the weight-HIGGS "RHT" signs are not used for KV), zero padding to the
+group, norms and the forward transform in fp32, the norm stored as fp32 (4 bytes per group), the
+study's published grids by default (`kvdiag.quant.grids`), and dequantization as upstream: the
+scaled lookup G[codes]·s is cast to fp16, the inverse transform is computed in fp32 from those fp16
+values (what the `fast_hadamard_transform` kernel does) and rounded to fp16, then cast to x's dtype.
+Deviations:
 - rows shorter than g use the next power of two ≥ n as the group (upstream always pads to g, which
   doubles the codes of a 64-dim head at g = 128); `:row` uses the next power of two ≥ n;
-- the norm is stored as fp16 (upstream keeps fp32), so `bytes_per_row` counts 2 bytes per group;
-  groups with a norm above 65504 overflow, far beyond K/V magnitudes;
-- the inverse transform runs in fp32 (upstream casts to fp16 first) and the output is cast to x's dtype.
+- a group of zeros (norm 0) decodes to zeros (upstream divides by 0).
+The release's GPU runtime (mini-sglang) differs from its simulator: one Hadamard group per row and a
+bf16 norm ("higgs:EDEN4-256:row"; kvdiag stores the norm in fp32 for both).
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvdiag.quant.base import SCALE_BYTES, QuantizedTensor, Quantizer, as_rows, join_groups, split_groups
+from kvdiag.quant.base import QuantizedTensor, Quantizer, as_rows, join_groups, split_groups
 from kvdiag.quant.grids import grid_shape, grid_sq_norms, load_grid
 from kvdiag.quant.hadamard import next_power_of_two, walsh_hadamard
 
+NORM_BYTES = 4  # one fp32 norm per group, as upstream
 SCORE_ELEMENTS = 1 << 24  # cap on the [rows, codes, points] score block built at once
 
 
@@ -43,7 +48,7 @@ class HiggsQuantizer(Quantizer):
     """HIGGS with grid `grid` ("EDEN{d}-{n}") and Hadamard group `group` (None = the whole row).
 
     Codes: [R, m, c] uint8 (int16 for grids over 256 points), m groups per row, c = ceil(g / d)
-    sub-vectors per group; scales: ([R, m] fp16 group norms,).
+    sub-vectors per group; scales: ([R, m] fp32 group norms,).
     """
 
     grid: str = "EDEN4-256"
@@ -73,7 +78,7 @@ class HiggsQuantizer(Quantizer):
         norms = groups.norm(dim=-1)  # [R, m]
         y = walsh_hadamard(groups) / torch.where(norms > 0, norms, 1.0).unsqueeze(-1)
         codes = self._nearest(y)  # [R, m, c]
-        return QuantizedTensor(codes, (norms.to(torch.float16),), x.shape, x.dtype, self.name)
+        return QuantizedTensor(codes, (norms,), x.shape, x.dtype, self.name, code_bits=math.log2(self.points))
 
     def _nearest(self, y: torch.Tensor) -> torch.Tensor:
         """y [R, m, g] → [R, m, c] index of the nearest grid point of each d-dim sub-vector."""
@@ -96,11 +101,12 @@ class HiggsQuantizer(Quantizer):
         g = self.group_size(n)
         grid = load_grid(self.grid, qt.codes.device)
         y = grid[qt.codes.long()].flatten(-2)[..., :g]  # [R, m, g]
-        groups = walsh_hadamard(y * norms.float().unsqueeze(-1), scale=1.0 / g)
-        return join_groups(groups, n)
+        scaled = (y * norms.float().unsqueeze(-1)).half().float()  # upstream: .half() before the transform
+        groups = walsh_hadamard(scaled, scale=1.0 / g).half()
+        return join_groups(groups.float(), n)
 
     def bytes_per_row(self, n: int) -> float:
         g = self.group_size(n)
         m = math.ceil(n / g)
         code_bits = m * self._subvectors_per_group(g) * math.log2(self.points)
-        return code_bits / 8 + m * SCALE_BYTES
+        return code_bits / 8 + m * NORM_BYTES

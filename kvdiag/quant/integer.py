@@ -53,7 +53,7 @@ class IntQuantizer(Quantizer):
         step = ((hi - lo) / levels).to(torch.float16)
         safe_step = torch.where(step > 0, step.float(), 1.0)
         codes = torch.round((groups - zero.float()) / safe_step).clamp(0, levels).to(torch.uint8)
-        return QuantizedTensor(codes, (zero, step), x.shape, x.dtype, self.name)
+        return QuantizedTensor(codes, (zero, step), x.shape, x.dtype, self.name, code_bits=self.bits)
 
     def _decode(self, qt: QuantizedTensor) -> torch.Tensor:
         zero, step = qt.scales
