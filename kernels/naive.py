@@ -125,7 +125,8 @@ def softmax_max_scores(
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(torch.bfloat16)
     else:
         probs = logits.softmax(dim=-1)
-    out = probs.amax(dim=3).float().masked_fill(~valid[..., 0, :], float("-inf"))
+    out = probs.amax(dim=3).to(torch.float32 if numerics == "bf16" else dtype)
+    out = out.masked_fill(~valid[..., 0, :], float("-inf"))
     return out if batched else out[0]
 
 

@@ -31,7 +31,7 @@ import os
 
 import matplotlib.pyplot as plt
 
-from kvdiag.analysis.recall import method_label, recall_table
+from kvdiag.analysis.recall import recall_table
 from kvdiag.capture import capture_prompt
 from kvdiag.methods import get_method
 from kvdiag.models import load_model
@@ -95,7 +95,7 @@ plt.show()
 
 # %%
 at_budget = table[table.budget == BUDGET].groupby("method")[["err_selection", "err_key"]].mean()
-shadow, yakv = at_budget.loc[method_label(methods[1])], at_budget.loc[method_label(methods[2])]
+shadow, yakv = at_budget.loc[methods[1].label()], at_budget.loc[methods[2].label()]
 print(f"ShadowKV: selection loss {shadow.err_selection:.3f}, key loss {shadow.err_key:.3f}")
 print(f"YAKV:     selection loss {yakv.err_selection:.3f}, key loss {yakv.err_key:.3f}")
 

@@ -6,6 +6,7 @@ numpy's SVD. The matrix test at the end runs every registered method, including 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -92,7 +93,7 @@ def test_exact_and_full_budget_oracle_attend_everything():
         assert sel.mask.shape == (3, 2, 50) and bool(sel.mask.all()), name
     exact = get_method("exact")
     assert not exact.select(exact.build(layer), q, 7).fetched.any()
-    assert exact.fetched_bytes(exact.select(exact.build(layer), q, 7)) == 0
+    assert exact.select(exact.build(layer), q, 7).fetched_bytes() == 0
 
 
 def test_oracle_matches_written_out_gqa_topk():
@@ -142,56 +143,67 @@ def test_shadowkv_toy_outliers_and_selected_chunks():
     method = get_method(
         "shadowkv", rank=4, rank_channels=4, chunk=8, outlier_chunks=2, local=8, factor_dtype="fp32"
     )
-    index = method.build(layer)
-    assert set(index.outlier_chunks[0].tolist()) == {1, 4}
-    assert sorted(index.landmark_chunks[0].tolist()) == [0, 2, 3, 5, 6]
-    sel = method.select(index, q, 16)  # 2 chunks
+    built = method.build(layer)
     tokens = lambda chunks: {t for c in chunks for t in range(8 * c, 8 * c + 8)}  # noqa: E731
+    assert set(built.resident["outlier_ids"][0].tolist()) == tokens([1, 4])
+    assert sorted(built.resident["landmark_chunks"][0].tolist()) == [0, 2, 3, 5, 6]
+    sel = method.select(built, q, 16)  # 2 chunks
     assert chosen_sets(sel.mask)[0][0] == tokens([0, 2, 1, 4, 7])
     assert chosen_sets(sel.fetched)[0][0] == tokens([0, 2])
-    assert method.fetched_bytes(sel) == 16 * 4 * 2  # bf16 values of 16 tokens, d = 4
+    assert set(sel.ids[0, 0].tolist()) == tokens([0, 2])  # token ids, ascending
+    assert sel.ids[0, 0].tolist() == sorted(sel.ids[0, 0].tolist())
+    assert sel.fetched_bytes() == 16 * 4 * 4  # the fp32 values of 16 tokens, d = 4, as captured
 
 
 def test_shadowkv_full_rank_rebuilds_post_rope_keys():
     layer = random_layer(2, 16, 64, seed=5)
     method = get_method("shadowkv", rank=32, rank_channels=32, outlier_chunks=1, local=8, factor_dtype="fp32")
-    keys = method.keys(method.build(layer))
+    built = method.build(layer)
+    keys, values = method.dense_view(built)
     torch.testing.assert_close(keys, layer.k_post, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(values, layer.v)
     ids = torch.tensor([[0, 5, 63], [1, 2, 3]])
-    torch.testing.assert_close(
-        method.keys(method.build(layer), ids), keys.gather(1, ids[:, :, None].expand(-1, -1, 16))
-    )
+    torch.testing.assert_close(method.materialize(built, ids)[0], keys.gather(1, ids[:, :, None].expand(-1, -1, 16)))
 
 
 def test_shadowkv_svd_factor_matches_numpy():
     layer = random_layer(2, 16, 64, seed=6)
     method = get_method("shadowkv", rank=5, rank_channels=32, factor_dtype="fp32")
     assert method.resolved_rank(32) == 5 and get_method("shadowkv").resolved_rank(192) == 30
-    index = method.build(layer)
+    built = method.build(layer)
+    u_ours, sv_ours = built.resident["u"].double().numpy(), built.resident["sv"].double().numpy()
     flat = layer.k_pre.numpy().transpose(1, 0, 2).reshape(64, 32).astype(np.float64)
     u, s, vt = np.linalg.svd(flat, full_matrices=False)
     low_rank = (u[:, :5] * s[:5]) @ vt[:5]  # [L, H_kv·d]
-    ours = np.einsum("lr,hrd->lhd", index.u.double().numpy(), index.sv.double().numpy()).reshape(64, 32)
+    ours = np.einsum("lr,hrd->lhd", u_ours, sv_ours).reshape(64, 32)
     np.testing.assert_allclose(ours, low_rank, atol=1e-4)
-    overlap = np.abs(index.u.double().numpy().T @ u[:, :5])  # same singular vectors up to sign
+    overlap = np.abs(u_ours.T @ u[:, :5])  # same singular vectors up to sign
     np.testing.assert_allclose(overlap, np.eye(5), atol=1e-4)
     # away from the always-kept tokens, keys are the rank-5 keys re-rotated at their positions
     rebuilt = apply_rope(
         torch.from_numpy(low_rank).float().reshape(64, 2, 16).transpose(0, 1), layer.cos, layer.sin
     )
-    keys = method.keys(index)
-    free = ~index.always
+    keys, _ = method.dense_view(built)
+    always = method.always_kept(built, method.start(built, 8))
+    free = torch.ones(2, 64, dtype=torch.bool).scatter_(1, always, False)
     torch.testing.assert_close(keys[free], rebuilt[free], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(keys[~free], layer.k_post[~free])  # outliers and the local tail: exact
 
 
 def test_shadowkv_bytes_at_8x128_channels():
     layer = random_layer(8, 128, 256, seed=7, rope=False)
+    layer = LayerKV(*(t.to(torch.bfloat16) for t in (layer.k_pre, layer.k_post, layer.v)), layer.cos,
+                    layer.sin, layer.scaling, layer_idx=layer.layer_idx)  # a bf16 model, as upstream  # fmt: skip
     method = get_method("shadowkv", outlier_chunks=0)
-    parts = method.resident_breakdown(method.build(layer))
+    built = method.build(layer)
+    parts = built.resident_breakdown()
     n_landmark_tokens = 256 - 32
-    assert parts["u_factor"] / 256 == 320  # rank 160 at bf16
-    assert parts["landmarks"] / n_landmark_tokens == 256  # 1024 bf16 channels / 8 tokens
-    assert parts["local"] == 32 * 8 * 128 * 2 * 2
+    assert parts["u"] / 256 == 320  # rank 160 at bf16
+    assert parts["landmarks"] / (n_landmark_tokens / 8) == 1024 * 2  # one bf16 row of 1024 channels per chunk
+    assert parts["landmark_chunks"] == (n_landmark_tokens // 8) * 8 * 4  # the chunk index, int32
+    assert parts["local_k"] + parts["local_v"] == 32 * 8 * 128 * 2 * 2
+    assert built.resident_bytes == sum(parts.values())
+    assert method.entry_bytes(built) == 128 * 2  # the bf16 value row of one (KV head, token)
 
 
 # --- YAKV -----------------------------------------------------------------------------------------
@@ -225,7 +237,7 @@ def test_yakv_bf16_landmarks_rank_bf16_rounded_keys():
 def test_yakv_runtime_and_simulator_agree_without_group_disagreement():
     # G = 1: softmax then max over one head is monotone in q·lm, so both rank by the raw dot product.
     layer = random_layer(4, 32, 150, seed=12)
-    sim, run = get_method("yakv"), get_method("yakv", scoring="runtime")
+    sim, run = get_method("yakv"), get_method("yakv", rule="mean_query")
     q = random_queries(3, 4, 32, seed=13)
     sim_mask = sim.select(sim.build(layer), q, 20).mask
     assert torch.equal(sim_mask, run.select(run.build(layer), q, 20).mask)
@@ -240,25 +252,31 @@ def test_yakv_residual_quantization_lowers_landmark_error():
     gen = torch.Generator().manual_seed(16)
     shared = 4 * torch.randn(2, 32, 1, 128, generator=gen).expand(-1, -1, 8, -1).reshape(2, 256, 128)
     k = shared + 0.5 * torch.randn(2, 256, 128, generator=gen)
-    plain = get_method("yakv").quantize_landmarks(k)
-    residual = get_method("yakv", residual_meta_chunk=8).quantize_landmarks(k)
+    layer = layer_from_keys(k)
+
+    def landmarks(method):
+        return method.landmarks(method.build(layer))  # decoded from the resident storage
+
+    plain = landmarks(get_method("yakv", local=0))
+    residual = landmarks(get_method("yakv", local=0, residual_meta_chunk=8))
     err = lambda x: float(((x - k) ** 2).mean())  # noqa: E731
     assert err(residual) < 0.5 * err(plain)
 
 
 def test_yakv_kv_quant_and_bytes():
     layer = random_layer(8, 128, 160, seed=17)
-    sim, run = get_method("yakv"), get_method("yakv", scoring="runtime")
+    sim, run = get_method("yakv"), get_method("yakv", rule="mean_query")
     assert sim.resolved_kv_quant().startswith("higgs:EDEN2-256") and run.resolved_kv_quant() == "fp8_e4m3"
-    index = sim.build(layer)
-    torch.testing.assert_close(sim.keys(index)[:, -64:], layer.k_post[:, -64:])  # local window exact
-    assert not torch.equal(sim.keys(index)[:, :-64], layer.k_post[:, :-64])  # offloaded keys quantized
-    per_token = sim.resident_breakdown(index)["landmarks"] / (160 - 64)
-    assert 256 <= per_token <= 256 + 32  # 2-bit codes of 1024 channels + scales
+    built = sim.build(layer)
+    keys, _ = sim.dense_view(built)
+    torch.testing.assert_close(keys[:, -64:], layer.k_post[:, -64:])  # local window exact
+    assert not torch.equal(keys[:, :-64], layer.k_post[:, :-64])  # offloaded keys quantized
+    per_token = built.resident_breakdown()["landmarks"] / (160 - 64)
+    assert per_token == 1024 * 2 / 8 + 8 * 4  # 2-bit codes of 1024 channels + 8 fp32 group norms
     q = random_queries(2, 32, 128)
     sel = run.select(run.build(layer), q, 10)
     assert bool(sel.fetched[:, :, -64:].all())  # the runtime reads its local window from host memory
-    assert run.fetched_bytes(sel) == pytest.approx(8 * (10 + 64) * 2 * 128)  # fp8 K and V
+    assert sel.fetched_bytes() == pytest.approx(8 * (10 + 64) * 2 * 128)  # fp8 K and V
 
 
 # --- Quest ----------------------------------------------------------------------------------------
@@ -269,7 +287,7 @@ def test_quest_page_score_bounds_every_key():
     for seed in range(10):
         layer = random_layer(2, 8, 70, seed=seed)  # 5 pages, the last one partial
         q = random_queries(2, 6, 8, seed=100 + seed)
-        scores = method.scores(method.build(layer), q)  # [n, H_q, P]
+        scores = method.score(method.build(layer), q)  # [n, H_q, P]
         qk = torch.einsum("nhd,hld->nhl", q, layer.k_post.repeat_interleave(3, dim=0))
         for p in range(5):
             page_max = qk[:, :, 16 * p : 16 * p + 16].amax(dim=-1)
@@ -333,7 +351,7 @@ def test_out_of_range_budget_is_a_clear_error(budget):
         ("shadowkv", {"local": 30}, "multiple of chunk"),
         ("shadowkv", {"landmark_quant": "higgs:EDEN3-7"}, "landmark_quant"),
         ("shadowkv", {"factor_dtype": "fp64"}, "factor_dtype"),
-        ("yakv", {"scoring": "sim"}, "'simulator'"),
+        ("yakv", {"rule": "sim"}, "'softmax_max'"),
         ("yakv", {"kv_quant": "int99"}, "kv_quant"),
         ("yakv", {"residual_meta_chunk": -2}, "residual_meta_chunk"),
         ("quest", {"page": 0}, "page=0"),
@@ -391,6 +409,18 @@ def matrix_layer(n_q: int, n_kv: int, d: int, n_tokens: int = 200) -> LayerKV:
     return layer
 
 
+def poisoned(built):
+    """The same build with every offloaded tensor (codes and scales too) replaced by NaN / garbage."""
+    from kvdiag.quant.base import QuantizedTensor
+
+    def poison(t):
+        return t.float().fill_(float("nan")).to(t.dtype) if t.is_floating_point() else t.fill_(7)
+
+    bad = {k: (v.map(lambda t: poison(t.clone())) if isinstance(v, QuantizedTensor) else poison(v.clone()))
+           for k, v in built.offloaded.items()}  # fmt: skip
+    return dataclasses.replace(built, offloaded=bad, _decoded={})
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name", [row["name"] for row in list_methods()])
 def test_every_method_runs_the_contract(name, shape):
@@ -398,33 +428,69 @@ def test_every_method_runs_the_contract(name, shape):
     n_tokens, budget = 200, 50  # 50 tokens ≥ Quest's minimum of 3 pages of 16; the contract passes ints
     layer = matrix_layer(n_q, n_kv, d, n_tokens)
     method = get_method(name)
-    index = method.build(layer)
+    built = method.build(layer)
     q_a, q_b = random_queries(3, n_q, d, seed=31), random_queries(3, n_q, d, seed=32)
-    sel_a, sel_b = (
-        method.select(index, q_a, budget),
-        method.select(index, q_b, resolve_budget(0.25, n_tokens)),
-    )
+    sel_a, sel_b = method.select(built, q_a, budget), method.select(built, q_b, resolve_budget(0.25, n_tokens))
     n_sel = n_q if sel_a.per_query_head else n_kv
     for sel in (sel_a, sel_b):
         assert sel.mask.shape == (3, n_sel, n_tokens) and sel.mask.dtype == torch.bool
         assert sel.fetched.shape == sel.mask.shape and sel.fetched.dtype == torch.bool
         assert not bool((sel.fetched & ~sel.mask).any())
         assert sel.per_query(n_q).shape == (3, n_q, n_tokens)
+        valid = sel.ids[sel.ids >= 0]
+        assert bool(((valid >= 0) & (valid < n_tokens)).all())
+        assert torch.equal(sel.ids, torch.where(sel.ids < 0, n_tokens, sel.ids).sort(-1).values.masked_fill(
+            torch.where(sel.ids < 0, n_tokens, sel.ids).sort(-1).values == n_tokens, -1))  # ascending  # fmt: skip
     # What every query attends is the always-kept set plus coincidences, so the per-head count cannot
     # exceed the budget (rounded up to the method's page or chunk, which upstream selects whole) plus
     # that common part.
-    unit = next((getattr(method, k) for k in ("page", "page_size", "chunk") if hasattr(method, k)), 1)
+    unit = method.block_size
     common = torch.cat([sel_a.mask, sel_b.mask]).all(dim=0)  # [H_sel, L]
     counts = torch.cat([sel_a.mask, sel_b.mask]).sum(dim=-1)  # [2n, H_sel]
     assert bool((counts <= math.ceil(budget / unit) * unit + common.sum(dim=-1)).all())
-    keys, values = method.keys(index), method.values(index)
+    # the dense view is materialize at every id, and materialize at some ids is the view at those ids
+    keys, values = method.dense_view(built)
     assert keys.shape == values.shape == (n_kv, n_tokens, d)
     assert bool(torch.isfinite(keys).all() and torch.isfinite(values).all())
-    ids = torch.arange(0, n_tokens, 7).expand(n_kv, -1)
-    torch.testing.assert_close(method.keys(index, ids), keys[:, ::7].to(method.keys(index, ids).dtype))
-    assert method.resident_bytes(index) > 0
-    fetched = method.fetched_bytes(sel_a)
+    ids = torch.randint(0, n_tokens, (n_kv, 23), generator=torch.Generator().manual_seed(d))
+    ids[:, 0] = -1  # "none" gives zeros
+    k_ids, v_ids = method.materialize(built, ids)
+    expect = lambda x: x.gather(1, ids.clamp_min(0)[:, :, None].expand(-1, -1, d)).masked_fill((ids < 0)[:, :, None], 0)  # noqa: E731
+    torch.testing.assert_close(k_ids, expect(keys))
+    torch.testing.assert_close(v_ids, expect(values))
+    # bytes are measured from the stored tensors, never declared
+    from kvdiag.methods.base import stored_nbytes
+
+    state = method.start(built, budget)
+    assert built.resident_bytes == sum(stored_nbytes(t) for t in built.resident.values())
+    assert method.resident_bytes(built, state) == built.resident_bytes + sum(
+        stored_nbytes(t) for t in state.resident.values()
+    )
+    assert method.resident_bytes(built, state) > 0
+    fetched = sel_a.fetched_bytes()
     assert fetched >= 0 and math.isfinite(fetched)
+    # selection reads the resident state only: a poisoned offloaded payload changes nothing
+    state_ok, state_bad = method.start(built, budget), method.start(built, budget)
+    bad = poisoned(built)
+    for q in (q_a, q_b):
+        good_sel, bad_sel = method.select(built, q, state_ok), method.select(bad, q, state_bad)
+        assert torch.equal(good_sel.ids, bad_sel.ids) and torch.equal(good_sel.mask, bad_sel.mask), name
+
+
+def test_batched_selection_equals_one_prompt_at_a_time():
+    """`stack` + `select_batch` over prompts of different lengths gives each row exactly what `select`
+    gives that prompt alone (padding never selected, never changes a softmax)."""
+    for row in list_methods():
+        method = get_method(row["name"])
+        layers = [matrix_layer(4, 2, 16, n) for n in (200, 137, 170)]
+        builts = [method.build(layer) for layer in layers]
+        q = random_queries(3, 4, 16, seed=40)  # 3 rows, one query each
+        states = [method.start(b, 0.25) for b in builts]
+        batch = method.select_batch(method.stack(builts), q[:, None], states)
+        for b, built in enumerate(builts):
+            alone = method.select(built, q[b : b + 1], method.start(built, 0.25))
+            row_sel = batch.row(b)
+            assert torch.equal(row_sel.mask, alone.mask), (row["name"], b)
 
 
 def test_yakv_center_removes_a_shared_key_offset_before_quantizing():
@@ -438,8 +504,8 @@ def test_yakv_center_removes_a_shared_key_offset_before_quantizing():
     layer = LayerKV(k_pre, apply_rope(k_pre, base.cos, base.sin), base.v, base.cos, base.sin, base.scaling)
     plain = get_method("yakv", local=0)
     centred = get_method("yakv", local=0, center=True)
-    err_plain = (plain.keys(plain.build(layer)) - layer.k_post).norm() / layer.k_post.norm()
-    err_centred = (centred.keys(centred.build(layer)) - layer.k_post).norm() / layer.k_post.norm()
+    err_plain = (plain.dense_view(plain.build(layer))[0] - layer.k_post).norm() / layer.k_post.norm()
+    err_centred = (centred.dense_view(centred.build(layer))[0] - layer.k_post).norm() / layer.k_post.norm()
     assert err_centred < err_plain / 4
     # the same numbers written out: centre in numpy, round-trip the rows, add the mean back, rotate
     from kvdiag.quant import get_quantizer
@@ -449,8 +515,8 @@ def test_yakv_center_removes_a_shared_key_offset_before_quantizing():
     rows = torch.tensor((k - mean).transpose(1, 0, 2).reshape(200, 128), dtype=torch.float32)
     back = get_quantizer("higgs:EDEN2-256:row").roundtrip(rows).numpy().reshape(200, 2, 64).transpose(1, 0, 2)
     expected = apply_rope(torch.tensor(back + mean, dtype=torch.float32), base.cos, base.sin)
-    torch.testing.assert_close(centred.keys(centred.build(layer)), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(centred.dense_view(centred.build(layer))[0], expected, rtol=1e-3, atol=1e-3)
     assert (
         centred.resident_bytes(centred.build(layer))
-        == plain.resident_bytes(plain.build(layer)) + 2 * 2 * 64 * 2
+        == plain.resident_bytes(plain.build(layer)) + 2 * 2 * 64 * 4  # two means per KV head, fp32 as captured
     )

@@ -37,6 +37,13 @@ def make_layer(n_kv=2, group=2, n_tokens=96, d=8, seed=0, layer_idx=4, dtype=tor
     )
 
 
+def cold(method, built, budget):
+    """A decode state without the method's GPU cache: every chosen token counts as fetched."""
+    state = method.start(built, budget)
+    state.cache_tokens = 0
+    return state
+
+
 def decode_queries(layer: LayerKV, n=3, seed=1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, layer.q.shape[0], layer.head_dim, generator=gen, dtype=layer.k_post.dtype)
@@ -51,15 +58,15 @@ def test_arkvale_box_digest_matches_loop():
     index = ArkVale(page_size=page).build(layer)
     keys = layer.k_post.numpy()
     n_digest = math.ceil(37 / page) - 1  # the last (partial) page has no digest
-    assert index.box_max.shape == (2, n_digest, 4)
+    assert index.resident["box_max"].shape == (2, n_digest, 4)
     for h in range(2):
         for p in range(n_digest):
             for c in range(4):
                 col = [keys[h, t, c] for t in range(p * page, (p + 1) * page)]
                 centre = (max(col) + min(col)) / 2
                 radius = sum(abs(x - centre) for x in col) / len(col)
-                assert index.box_max[h, p, c].item() == pytest.approx(centre + radius, abs=1e-5)
-                assert index.box_min[h, p, c].item() == pytest.approx(centre - radius, abs=1e-5)
+                assert index.resident["box_max"][h, p, c].item() == pytest.approx(centre + radius, abs=1e-5)
+                assert index.resident["box_min"][h, p, c].item() == pytest.approx(centre - radius, abs=1e-5)
 
 
 @pytest.mark.parametrize("group_size", [1, 0])
@@ -70,9 +77,9 @@ def test_arkvale_scores_and_pages_match_loop(group_size):
     index = method.build(layer)
     q = decode_queries(layer)
     budget = 9  # -> ceil(9 / 4) = 3 pages by score
-    sel = method.select(index, q, budget)
+    sel = method.select(index, q, cold(method, index, budget))
 
-    hi, lo, qn = index.box_max.numpy(), index.box_min.numpy(), q.numpy()
+    hi, lo, qn = index.resident["box_max"].numpy(), index.resident["box_min"].numpy(), q.numpy()
     n_pages, candidates = 16, range(2, 16 - 3)
     kv_groups = [[0], [1]] if group_size == 1 else [[0, 1]]
     for i in range(q.shape[0]):
@@ -106,13 +113,30 @@ def test_arkvale_sinks_window_always_kept_and_budget():
     index = method.build(layer)
     q = decode_queries(layer, n=4)
     for budget in (1, 16, 17, 40):
-        sel = method.select(index, q, budget)
+        sel = method.select(index, q, cold(method, index, budget))
         assert sel.mask[..., :32].all()  # 2 sink pages
         assert sel.mask[..., (13 - 5) * 16 :].all()  # 13 pages, the last 5 are the window
         n_fetched = sel.fetched.sum(dim=-1)
         assert (n_fetched == math.ceil(budget / 16) * 16).all()
         assert not (sel.fetched & ~sel.mask).any()
-        assert method.fetched_bytes(sel) == pytest.approx(2 * math.ceil(budget / 16) * 16 * 2 * 8 * 2)
+        # 2 KV heads × the chosen pages' tokens × K and V of d = 8 at the captured fp32
+        assert sel.fetched_bytes() == pytest.approx(2 * math.ceil(budget / 16) * 16 * 2 * 8 * 4)
+
+
+def test_arkvale_page_cache_fetches_only_misses():
+    """Upstream keeps the pages recalled at the previous step on the GPU: a page chosen again is a
+    hit, not fetched again. Steps run in order through one decode state."""
+    layer = make_layer(n_tokens=200, d=8)
+    method = ArkVale.study()
+    built = method.build(layer)
+    q = decode_queries(layer, n=5, seed=7)
+    q[2] = q[1]  # a repeated query chooses the same pages: all hits
+    sel = method.select(built, q, method.start(built, 40))  # 3 pages of 16 per step
+    chosen = sel.selected_mask  # [n, H_kv, L]
+    assert torch.equal(sel.fetched[0], chosen[0])  # the first step is cold
+    for step in range(1, 5):
+        assert torch.equal(sel.fetched[step], chosen[step] & ~chosen[step - 1]), step
+    assert not sel.fetched[2].any()
 
 
 def test_arkvale_short_prompt_and_dense_layer_attend_everything():
@@ -142,7 +166,7 @@ def test_arkvale_group_must_divide_kv_heads():
 def test_infinigen_skew_is_orthogonal_and_keeps_logits():
     layer = make_layer(n_kv=2, group=2, n_tokens=40, d=8, dtype=torch.float64)
     index = InfiniGen().build(layer)
-    skew = index.skew.double().numpy()  # [H_q, d, d]
+    skew = index.info["skew"].double().numpy()  # [H_q, d, d]
     q, k = layer.q.numpy(), layer.k_post.numpy()
     for h in range(4):
         a = skew[h]
@@ -158,12 +182,12 @@ def test_infinigen_skew_is_orthogonal_and_keeps_logits():
 def test_infinigen_partial_channels_match_loop():
     layer = make_layer(n_kv=1, group=2, n_tokens=30, d=10)
     index = InfiniGen(partial_weight_ratio=0.2).build(layer)
-    skew = index.skew.numpy()
+    skew = index.info["skew"].numpy()
     for h in range(2):
         sums_q = np.abs(layer.q[h].numpy() @ skew[h]).sum(axis=0)
         sums_k = np.abs(layer.k_post[0].numpy() @ skew[h]).sum(axis=0)
         expected = set(np.argsort(-sums_q)[:2]) | set(np.argsort(-sums_k)[:2])
-        assert set(np.flatnonzero(index.partial[h].numpy())) == expected
+        assert set(np.flatnonzero(index.info["partial"][h].numpy())) == expected
 
 
 def test_infinigen_full_channels_speculate_exact_logits_and_select_all():
@@ -208,7 +232,7 @@ def test_infinigen_dense_layers_and_budget():
 def test_infinigen_calibration_layer_and_missing_queries():
     layer, calib = make_layer(seed=0), make_layer(seed=7, n_tokens=20)
     index = InfiniGen().build(layer, calibration=calib)
-    assert index.skew.shape == (4, 8, 8)
+    assert index.info["skew"].shape == (4, 8, 8)
     calib.q = None
     with pytest.raises(KvdiagError, match="queries"):
         InfiniGen().build(layer, calibration=calib)
@@ -261,7 +285,7 @@ def test_lrqk_recent_always_kept_and_budget():
     index = method.build(layer)
     q = decode_queries(layer)
     for budget in (1, 10, 50):
-        sel = method.select(index, q, budget)
+        sel = method.select(index, q, cold(method, index, budget))
         assert sel.mask[..., -64:].all() and sel.per_query_head
         assert (sel.fetched.sum(dim=-1) == budget).all()
         assert not sel.fetched[..., -64:].any()
@@ -277,7 +301,7 @@ def test_lrqk_decode_projection_matches_loop():
     q = decode_queries(layer, n=2)
     budget = 5
     sel = method.select(index, q, budget)
-    a_k, b_q, a_q_last = index.a_k.numpy(), index.b_q.numpy(), index.a_q_last.numpy()
+    a_k, b_q, a_q_last = index.resident["a_k"].numpy(), index.resident["b_q"].numpy(), index.resident["a_q_last"].numpy()
     keys = layer.k_post[0].numpy()
     for h in range(2):
         hits = list(np.argsort(-(a_k[h, :32] @ a_q_last[h]), kind="stable")[:budget])
@@ -298,7 +322,7 @@ def test_lrqk_rank_rule_and_study():
     assert LRQK().effective_rank(128) == 16 and LRQK().effective_rank(64) == 8
     assert LRQK.study("qwen").effective_rank(128) == 32
     index = LRQK().build(make_layer(d=8))
-    assert index.a_k.shape[-1] == 1  # round(16 · 8 / 128)
+    assert index.resident["a_k"].shape[-1] == 1  # round(16 · 8 / 128)
 
 
 @pytest.mark.parametrize(
@@ -336,15 +360,16 @@ def test_lrqk_rank_above_head_dim_and_missing_queries():
 def test_exact_keys_values_and_shapes(method):
     layer = make_layer(n_tokens=120)
     index = method.build(layer)
-    assert torch.equal(method.keys(index), layer.k_post) and torch.equal(method.values(index), layer.v)
+    keys, values = method.dense_view(index)
+    assert torch.equal(keys, layer.k_post) and torch.equal(values, layer.v)
     ids = torch.tensor([[0, 5, 7], [3, 3, 119]])
     torch.testing.assert_close(
-        method.keys(index, ids), torch.stack([layer.k_post[h, ids[h]] for h in range(2)])
+        method.materialize(index, ids)[0], torch.stack([layer.k_post[h, ids[h]] for h in range(2)])
     )
     sel = method.select(index, decode_queries(layer), 12)
     heads = 4 if sel.per_query_head else 2
     assert sel.mask.shape == sel.fetched.shape == (3, heads, 120)
     assert sel.per_query(4).shape == (3, 4, 120)
-    assert method.resident_bytes(index) > 0 and method.fetched_bytes(sel) > 0
+    assert method.resident_bytes(index) > 0 and sel.fetched_bytes() > 0
     with pytest.raises(KvdiagError):
         method.select(index, torch.zeros(3, 4, 5), 12)

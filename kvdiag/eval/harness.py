@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -233,19 +232,8 @@ def generate_cell(model, input_ids, method: Method | None, budget, max_new_token
 
 
 def _resident_bytes_per_token(method: Method, sim) -> float:
-    """Mean over simulated layers of the index's resident bytes per prompt token.
-
-    Computed here rather than from `sim.stats()`: the simulator calls `resident_bytes(index)` without
-    the budget, so StreamingLLM (whose resident set *is* its budget) reports the whole prompt.
-    """
-    takes_budget = "budget" in inspect.signature(method.resident_bytes).parameters
-    sizes = [
-        method.resident_bytes(index, budget=sim.budget_tokens)
-        if takes_budget
-        else method.resident_bytes(index)
-        for index in sim.indices.values()
-    ]
-    return float(sum(sizes)) / len(sizes) / sim.prompt_len if sizes else float("nan")
+    """Mean over simulated layers of the resident bytes (index + decode state, as stored) per prompt token."""
+    return sim.resident_bytes_per_token()[0]
 
 
 def _fidelity(model, tokenizer, prompt_ids, answer: str, runs: list[tuple[Method, Any]]) -> list[dict]:
@@ -296,12 +284,11 @@ class Cell:
 
 
 def _exact_bytes_per_token(model) -> float:
-    """Full bf16 K and V per token and layer (what exact attention keeps resident)."""
-    from kvdiag.methods._scoring import kv_bytes
+    """K and V per token and layer at the model's dtype (what exact attention keeps resident)."""
     from kvdiag.models.adapter import config_shapes
 
     shapes = config_shapes(model.config)
-    return float(kv_bytes(1, shapes["kv_heads"], shapes["head_dim"]))
+    return float(2 * shapes["kv_heads"] * shapes["head_dim"] * next(model.parameters()).element_size())
 
 
 def _run_cell(cell: Cell, net, tokenizer, task, input_ids, max_new_tokens: int, eos: list[int], fid: dict | None,

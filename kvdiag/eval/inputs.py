@@ -84,7 +84,7 @@ def resolve_runs(methods, budgets: Sequence[float | int]) -> list[MethodRun]:
     (exact always runs, as plain generation), so [] or ["exact"] mean an exact-only run; None = every
     registered method but exact, each at every budget. A method may appear several times with its own
     budgets; the same (label, budget) twice is an error."""
-    from kvdiag.analysis.recall import check_budget, default_methods, method_label
+    from kvdiag.methods import check_budget, default_methods
     from kvdiag.methods import parse_method_spec
 
     runs: dict[str, MethodRun] = {}
@@ -100,7 +100,7 @@ def resolve_runs(methods, budgets: Sequence[float | int]) -> list[MethodRun]:
         method = parse_method_spec(given) if isinstance(given, str) else given
         if not isinstance(method, Method):
             raise KvdiagError(f"{given!r} is not a kvdiag Method or a method spec")
-        label = method_label(method)
+        label = method.label()
         own = [budget] if budget is not None else list(budgets)
         for b in own:
             check_budget(b)

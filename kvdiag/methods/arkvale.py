@@ -99,9 +99,10 @@ class ArkVale(Method):
                     info={"n_pages": n_pages, "first_page": first, "last_page": max(last, first)})  # fmt: skip
         if dense:
             return Built(resident={"k": layer.k_post, "v": layer.v}, offloaded={}, **meta)
-        pages = layer.k_post[:, first * self.page_size : last * self.page_size].float()
-        pages = pages.reshape(n_kv, last - first, self.page_size, d)  # [H_kv, candidates, page, d]
-        centre = (pages.amax(dim=2) + pages.amin(dim=2)) / 2  # [H_kv, candidates, d]
+        n_digest = n_pages - 1  # every page but the last (partial, still filling) one, as upstream
+        pages = layer.k_post[:, : n_digest * self.page_size].float()
+        pages = pages.reshape(n_kv, n_digest, self.page_size, d)  # [H_kv, P - 1, page, d]
+        centre = (pages.amax(dim=2) + pages.amin(dim=2)) / 2  # [H_kv, P - 1, d]
         radius = (pages - centre[:, :, None, :]).abs().mean(dim=2)
         kept = self._kept_ids(n_tokens, n_pages).to(layer.k_post.device)
         resident = {
@@ -118,7 +119,8 @@ class ArkVale(Method):
         if built.dense:
             empty = torch.zeros(built.n_kv_heads, 0, built.head_dim)
             return {"box_max": empty, "box_min": empty}
-        return {"box_max": built.resident["box_max"], "box_min": built.resident["box_min"]}
+        first, last = built.info["first_page"], built.info["last_page"]  # the candidate pages
+        return {"box_max": built.resident["box_max"][:, first:last], "box_min": built.resident["box_min"][:, first:last]}
 
     def score_batch(self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
         """[B, n, H_kv, candidates] box scores averaged over each selection group, repeated to its heads."""

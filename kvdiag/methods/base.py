@@ -281,7 +281,10 @@ def resolve_budget(budget: float | int, n_tokens: int) -> int:
             raise KvdiagError(f"budget fraction {budget} is outside (0, 1]; give e.g. 0.03125 or 3.125%")
         return max(1, math.ceil(budget * n_tokens))
     if not float(budget).is_integer():
-        raise KvdiagError(f"budget {budget} is neither a fraction in (0, 1] nor a whole token count")
+        raise KvdiagError(
+            f"budget {budget} is invalid; give a fraction in (0, 1] (e.g. 0.03125 or 3.125%) or a whole "
+            "number of tokens ≥ 1 (e.g. 2048)"
+        )
     tokens = int(budget)
     if tokens < 1:
         raise KvdiagError(

@@ -230,7 +230,9 @@ class ShadowKV(Method):
         exact_ids = self.always_kept(built, None)
         exact_k = torch.cat([res["outlier_k"], res["local_k"]], dim=1).float()
         exact_v = torch.cat([res["outlier_v"], res["local_v"]], dim=1).float()
-        return overlay_exact(keys, values, ids, exact_ids, exact_k, exact_v)
+        keys, values = overlay_exact(keys, values, ids, exact_ids, exact_k, exact_v)
+        none = (ids < 0).to(keys.device)[:, :, None]
+        return keys.masked_fill(none, 0), values.masked_fill(none, 0)
 
     def _local_ids(self, built: Built) -> torch.Tensor:
         n_local = built.info["n_local"]

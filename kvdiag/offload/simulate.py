@@ -133,18 +133,19 @@ class SimulationState:
         return out
 
     def row_stats(self, b: int) -> dict:
-        """Decode statistics of batch row b: fetched (KV head, token) entries and bytes per decode step
-        and layer (means over steps × layers), decode steps, resident bytes per prompt token."""
+        """Decode statistics of batch row b: tokens fetched per KV head, and bytes fetched (all KV heads),
+        per decode step and layer (means over steps × layers), decode steps, resident bytes per token."""
         if self.queries is None or not int(self.queries[b]):
             return {"decode_steps": 0}
         queries, entries = int(self.queries[b]), float(self.fetched_entries[b])
         n_layers = max(len(self.per_layer), 1)
+        n_kv = next(iter(self.per_layer.values())).builts[b].n_kv_heads
         entry_bytes = sum(self.method.entry_bytes(ls.builts[b]) for ls in self.per_layer.values()) / n_layers
         return {
             "prompt_tokens": self.prompt_lens[b],
             "budget_tokens": self.budget_of(self.prompt_lens[b]),
             "decode_steps": queries // n_layers,
-            "fetched_tokens_per_step_layer": entries / queries,
+            "fetched_tokens_per_step_layer": entries / queries / n_kv,  # per KV head
             "fetched_bytes_per_step_layer": entries / queries * entry_bytes,
             "resident_bytes_per_token_layer": self.resident_bytes_per_token()[b],
             "simulated_layers": sorted(self.per_layer),

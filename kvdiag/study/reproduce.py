@@ -130,9 +130,7 @@ class StudyMethod:
 
     @property
     def label(self) -> str:
-        from kvdiag.analysis.recall import method_label
-
-        return method_label(self.method)
+        return self.method.label()
 
 
 def model_family(model: str) -> str:
@@ -209,7 +207,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     its PNGs there (`kvdiag.study.report.export_report`). echo: where the per-stage progress lines go.
     Returns {"out", "report", "stages": {name: seconds or "skipped"}, "seconds"}.
     """
-    from kvdiag.analysis.recall import check_budget, method_label
+    from kvdiag.methods import check_budget
     from kvdiag.eval.harness import _context_length
     from kvdiag.eval.store import check_out
     from kvdiag.models import resolve_device
@@ -299,7 +297,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     recall_methods = _unique(study_methods(family, config.analysis_tokens if config.scale_outliers else None))
     recall_budgets = sorted({*STUDY_BUDGETS.values(), *config.recall_sweep})
     recall_config = {**analysis, "layers": layers, "queries": config.recall_queries,
-                     "methods": [method_label(m) for m in recall_methods], "budgets": recall_budgets}  # fmt: skip
+                     "methods": [m.label() for m in recall_methods], "budgets": recall_budgets}  # fmt: skip
     stage("recall", recall_config, "recall.parquet", lambda: run_recall(
         model, out / "recall", methods=recall_methods, budgets=recall_budgets, layers=layers, prompt=text,
         n_queries=config.recall_queries, device=device, max_tokens=config.analysis_tokens))  # fmt: skip
