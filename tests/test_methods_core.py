@@ -163,7 +163,9 @@ def test_shadowkv_full_rank_rebuilds_post_rope_keys():
     torch.testing.assert_close(keys, layer.k_post, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(values, layer.v)
     ids = torch.tensor([[0, 5, 63], [1, 2, 3]])
-    torch.testing.assert_close(method.materialize(built, ids)[0], keys.gather(1, ids[:, :, None].expand(-1, -1, 16)))
+    torch.testing.assert_close(
+        method.materialize(built, ids)[0], keys.gather(1, ids[:, :, None].expand(-1, -1, 16))
+    )
 
 
 def test_shadowkv_svd_factor_matches_numpy():
@@ -430,7 +432,10 @@ def test_every_method_runs_the_contract(name, shape):
     method = get_method(name)
     built = method.build(layer)
     q_a, q_b = random_queries(3, n_q, d, seed=31), random_queries(3, n_q, d, seed=32)
-    sel_a, sel_b = method.select(built, q_a, budget), method.select(built, q_b, resolve_budget(0.25, n_tokens))
+    sel_a, sel_b = (
+        method.select(built, q_a, budget),
+        method.select(built, q_b, resolve_budget(0.25, n_tokens)),
+    )
     n_sel = n_q if sel_a.per_query_head else n_kv
     for sel in (sel_a, sel_b):
         assert sel.mask.shape == (3, n_sel, n_tokens) and sel.mask.dtype == torch.bool
@@ -455,7 +460,9 @@ def test_every_method_runs_the_contract(name, shape):
     ids = torch.randint(0, n_tokens, (n_kv, 23), generator=torch.Generator().manual_seed(d))
     ids[:, 0] = -1  # "none" gives zeros
     k_ids, v_ids = method.materialize(built, ids)
-    expect = lambda x: x.gather(1, ids.clamp_min(0)[:, :, None].expand(-1, -1, d)).masked_fill((ids < 0)[:, :, None], 0)  # noqa: E731
+    expect = lambda x: x.gather(1, ids.clamp_min(0)[:, :, None].expand(-1, -1, d)).masked_fill(
+        (ids < 0)[:, :, None], 0
+    )  # noqa: E731
     torch.testing.assert_close(k_ids, expect(keys))
     torch.testing.assert_close(v_ids, expect(values))
     # bytes are measured from the stored tensors, never declared
@@ -518,5 +525,6 @@ def test_yakv_center_removes_a_shared_key_offset_before_quantizing():
     torch.testing.assert_close(centred.dense_view(centred.build(layer))[0], expected, rtol=1e-3, atol=1e-3)
     assert (
         centred.resident_bytes(centred.build(layer))
-        == plain.resident_bytes(plain.build(layer)) + 2 * 2 * 64 * 4  # two means per KV head, fp32 as captured
+        == plain.resident_bytes(plain.build(layer))
+        + 2 * 2 * 64 * 4  # two means per KV head, fp32 as captured
     )

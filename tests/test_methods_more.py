@@ -301,7 +301,11 @@ def test_lrqk_decode_projection_matches_loop():
     q = decode_queries(layer, n=2)
     budget = 5
     sel = method.select(index, q, budget)
-    a_k, b_q, a_q_last = index.resident["a_k"].numpy(), index.resident["b_q"].numpy(), index.resident["a_q_last"].numpy()
+    a_k, b_q, a_q_last = (
+        index.resident["a_k"].numpy(),
+        index.resident["b_q"].numpy(),
+        index.resident["a_q_last"].numpy(),
+    )
     keys = layer.k_post[0].numpy()
     for h in range(2):
         hits = list(np.argsort(-(a_k[h, :32] @ a_q_last[h]), kind="stable")[:budget])

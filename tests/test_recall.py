@@ -84,7 +84,9 @@ def test_exact_and_full_budget_oracle_are_lossless():
         np.testing.assert_allclose(table[col], 0.0, atol=ATOL)
     exact = table[table.method == "exact"]
     assert (exact.fetched_tokens == 0).all()
-    np.testing.assert_allclose(exact.resident_bytes_per_token, 2 * 2 * 8 * 4)  # fp32 K and V (as captured), 2 KV heads
+    np.testing.assert_allclose(
+        exact.resident_bytes_per_token, 2 * 2 * 8 * 4
+    )  # fp32 K and V (as captured), 2 KV heads
 
 
 def test_oracle_mass_grows_with_budget_and_recalls_its_own_topk():

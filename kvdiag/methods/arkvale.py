@@ -120,7 +120,10 @@ class ArkVale(Method):
             empty = torch.zeros(built.n_kv_heads, 0, built.head_dim)
             return {"box_max": empty, "box_min": empty}
         first, last = built.info["first_page"], built.info["last_page"]  # the candidate pages
-        return {"box_max": built.resident["box_max"][:, first:last], "box_min": built.resident["box_min"][:, first:last]}
+        return {
+            "box_max": built.resident["box_max"][:, first:last],
+            "box_min": built.resident["box_min"][:, first:last],
+        }
 
     def score_batch(self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
         """[B, n, H_kv, candidates] box scores averaged over each selection group, repeated to its heads."""
