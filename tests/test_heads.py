@@ -126,6 +126,31 @@ def brute_force_needs(q, k, positions, scaling, tau):
     return union, head, mass
 
 
+def synthetic_trace(n_q: int, n_kv: int, n_tokens: int, seed: int):
+    """A Trace of random, strongly peaked attention (q, k ~ N(0, 2²)), one layer, no sliding window."""
+    from kvdiag.capture import Trace
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {"layers.0.q": 2 * torch.randn(n_q, n_tokens, 8, generator=gen),
+               "layers.0.k_post": 2 * torch.randn(n_kv, n_tokens, 8, generator=gen)}  # fmt: skip
+    info = {"0": {"scaling": 8**-0.5, "sliding_window": None, "softcap": None, "group": n_q // n_kv}}
+    return Trace(tensors, {"layers": [0], "n_tokens": n_tokens, "layer_info": info})
+
+
+@pytest.mark.parametrize("n_q, n_kv", [(6, 2), (4, 4), (8, 1)])
+def test_peaked_attention_needs_match_a_numpy_brute_force(n_q, n_kv):
+    trace = synthetic_trace(n_q, n_kv, 70, seed=n_q + n_kv)
+    positions = torch.arange(50, 70)
+    table = head_needs(trace, positions, taus=TAUS, progress=False, chunk_size=7)
+    assert table.need_union.nunique() > 5  # peaked and varied: the check below is not about ⌈τ·L0⌉
+    for tau in TAUS:
+        union, head, mass = brute_force_needs(trace.q(0), trace.k_post(0), positions, 8**-0.5, tau)
+        rows = table[table.tau == tau].sort_values(["kv_head", "query_position"])
+        np.testing.assert_array_equal(rows.need_union.to_numpy(), union.reshape(-1))
+        np.testing.assert_allclose(rows.need_head.to_numpy(), head.reshape(-1))
+        np.testing.assert_allclose(rows.context_mass.to_numpy(), mass.reshape(-1), rtol=1e-6)
+
+
 def test_trace_needs_match_a_numpy_brute_force(tiny):
     from kvdiag.capture import capture_prompt
 
@@ -147,6 +172,24 @@ def test_trace_needs_match_a_numpy_brute_force(tiny):
             np.testing.assert_array_equal(rows.need_union.to_numpy(), union.reshape(-1))
             np.testing.assert_allclose(rows.need_head.to_numpy(), head.reshape(-1))
             np.testing.assert_allclose(rows.context_mass.to_numpy(), mass.reshape(-1), rtol=1e-6)
+
+
+def test_sliding_window_layers_are_skipped_and_a_group_of_four_matches_numpy(tiny):
+    from kvdiag.capture import capture_prompt
+
+    model, tokenizer = tiny("tiny-gemma3")  # window 32 on layers 0-2, full layer 3; 4 query heads, 1 KV head
+    trace = capture_prompt(
+        model, tokenizer, "Weather delayed two shipments that spring; no records were lost."
+    )
+    positions = torch.arange(trace.n_tokens - 8, trace.n_tokens)
+    table = head_needs(trace, positions, taus=(0.9,), progress=False)
+    assert sorted(table.attrs["heads"]["skipped_layers"]) == ["0", "1", "2"]
+    assert table.layer.unique().tolist() == [3]
+    union, head, mass = brute_force_needs(
+        trace.q(3), trace.k_post(3), positions, trace.layer_meta(3)["scaling"], 0.9
+    )
+    np.testing.assert_array_equal(table.sort_values("query_position").need_union.to_numpy(), union[0])
+    np.testing.assert_allclose(table.sort_values("query_position").need_head.to_numpy(), head[0])
 
 
 def test_summarize_spread_over_queries_hand_case():

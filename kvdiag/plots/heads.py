@@ -170,7 +170,7 @@ def need_comparison(table: pd.DataFrame, tau: float = FOCUS_TAU, title: str = ""
 def _title(run_dir: Path, table: pd.DataFrame) -> str:
     config = run_config(run_dir)
     n_ctx = table.groupby("task").n_context.mean()
-    lengths = ", ".join(f"{task} L0 ≈ {n:.0f}" for task, n in n_ctx.items())
+    lengths = ", ".join(f"{task} L0 ≈ {n_ctx[task]:.0f}" for task in _tasks(table))
     return f"{config.get('model', '')}: {lengths}" if config else lengths
 
 
