@@ -236,6 +236,7 @@ def _share(weights: np.ndarray, total: float, low: int, high: float) -> np.ndarr
         return np.full(len(weights), float(low))
     if total >= high * len(weights):
         return np.full(len(weights), float(high))
+    weights = weights / weights.max()
     lo, hi = 0.0, 1.0
     while np.clip(hi * weights, low, high).sum() < total:
         hi *= 2
