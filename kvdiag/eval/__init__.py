@@ -1,2 +1,3 @@
 """Task evaluation: the harness (`harness.run_eval`), its resumable store (`store`), input parsing
-(`inputs`) and teacher-forced fidelity (`fidelity`)."""
+(`inputs`), teacher-forced fidelity (`fidelity`) and the `kvdiag heads` pipeline (`heads`: per-head
+context intensity of a task's teacher-forced answers vs the needle task)."""

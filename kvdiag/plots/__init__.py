@@ -2,7 +2,7 @@
 
 Every figure is saved as PNG (dpi 200) and PDF (byte-stable: no creation date; set
 SOURCE_DATE_EPOCH for other metadata) under RUN_DIR/figures/. One module per kind of run:
-`plots.spectrum`, `plots.recall`, `plots.eval`; `plot_run` dispatches on the manifest's command.
+`plots.spectrum`, `plots.recall`, `plots.eval`, `plots.heads`; `plot_run` dispatches on the manifest's command.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ PLOTTERS = {
     "spectrum": "kvdiag.plots.spectrum:plot_spectrum_run",
     "recall": "kvdiag.plots.recall:plot_recall_run",
     "eval": "kvdiag.plots.eval:plot_eval_run",
+    "heads": "kvdiag.plots.heads:plot_heads_run",
     "reproduce": "kvdiag.plots:plot_reproduce_run",
 }
 
