@@ -199,3 +199,16 @@ def test_a_deadline_stops_between_cells_and_the_next_call_finishes(tmp_path):
     finished = run_eval(**args, deadline=time.monotonic() + 3600)
     assert finished["complete"] and finished["new_cells"] == 4
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("task", ["text2json", "needle", "multineedle", "html2tsv_synthetic", "html2tsv"])
+def test_more_samples_keep_the_fewer_ones(task, shared_data):
+    """What growing a run by samples relies on: the samples for n include those for any smaller n."""
+    from kvdiag.tasks import get_task
+
+    knobs = {"data_dir": str(shared_data)} if task == "html2tsv" else {}
+    few, more = (get_task(task, **knobs).samples(n, seed=3, target_tokens=1500) for n in (3, 7))
+    by_id = {s.id: s for s in more}
+    assert len(by_id) == 7 and all(
+        by_id[s.id].messages == s.messages and by_id[s.id].gold == s.gold for s in few
+    )
