@@ -17,7 +17,10 @@ runs; --methods exact runs only it. Budgets are separated by ','; "0.03125" or "
 fraction of the prompt, "2048" a token count.
 
 Re-running with the same --out resumes: finished (sample, method, budget) cells in predictions.jsonl
-are skipped; a different configuration is refused.
+are skipped, also after a kill. A run may grow: a larger --n, another method or another budget only
+adds cells; a change that would alter existing cells (model, task knobs, seed, --target-tokens,
+--max-new-tokens, chat, device, dtype, fidelity, a method whose knobs changed) is refused, naming
+the field and both values.
 
 \b
 Examples:
