@@ -124,8 +124,9 @@ def select_stages(stage_names: list[str], wanted) -> set[str]:
 
 def _comparable(top: dict) -> dict:
     """A reproduce config without what may change between jobs: the data folder's path (the eval
-    stages check the prompts themselves) and each task's n (eval runs grow by samples)."""
-    return {**{k: v for k, v in top.items() if k != "data_dir"},
+    stages check the prompts themselves), the configuration's name (its content is compared) and each
+    task's n (eval runs grow by samples)."""
+    return {**{k: v for k, v in top.items() if k not in ("data_dir", "name", "quick")},
             "tasks": [{k: v for k, v in t.items() if k != "n"} for t in top.get("tasks", [])]}  # fmt: skip
 
 
