@@ -1,2 +1,3 @@
-"""Task evaluation: the harness (`harness.run_eval`), its resumable store (`store`), input parsing
-(`inputs`) and teacher-forced fidelity (`fidelity`)."""
+"""Task evaluation: the harness (`harness.run_eval`), its resumable store (`store`), what a later run
+may add to a run directory (`resume`), input parsing (`inputs`) and teacher-forced fidelity
+(`fidelity`)."""
