@@ -167,6 +167,19 @@ def test_findings_json_and_the_predictions_hold_every_cell(full_run):
         assert sorted(x["score"] for x in lines) == sorted(results.score)
 
 
+def test_runs_whose_rows_lack_the_gold_get_it_from_the_task(full_run, tmp_path):
+    from kvdiag.study.findings import prediction_rows
+
+    tmp, _, _ = full_run
+    old = tmp_path / "eval_needle"  # as written before prediction rows carried their gold answer
+    shutil.copytree(tmp / "rep" / "eval_needle", old)
+    rows = [json.loads(x) for x in (old / "predictions.jsonl").read_text().splitlines()]
+    (old / "predictions.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "gold"}) + "\n"
+                                                   for r in rows))  # fmt: skip
+    exported = prediction_rows(old, {})
+    assert [x["gold"] for x in exported] == [r["gold"] for r in rows] and len(rows) == 9
+
+
 ROLE_NAMES = {"shadowkv", "shadowkv_10x", "arkvale", "lrqk", "infinigen", "yakv", "yakv_centered", "oracle"}
 
 
