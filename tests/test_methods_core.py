@@ -460,9 +460,12 @@ def test_every_method_runs_the_contract(name, shape):
     ids = torch.randint(0, n_tokens, (n_kv, 23), generator=torch.Generator().manual_seed(d))
     ids[:, 0] = -1  # "none" gives zeros
     k_ids, v_ids = method.materialize(built, ids)
-    expect = lambda x: x.gather(1, ids.clamp_min(0)[:, :, None].expand(-1, -1, d)).masked_fill(
-        (ids < 0)[:, :, None], 0
-    )  # noqa: E731
+
+    def expect(x):
+        return x.gather(1, ids.clamp_min(0)[:, :, None].expand(-1, -1, d)).masked_fill(
+            (ids < 0)[:, :, None], 0
+        )  # noqa: E731
+
     torch.testing.assert_close(k_ids, expect(keys))
     torch.testing.assert_close(v_ids, expect(values))
     # bytes are measured from the stored tensors, never declared

@@ -3,8 +3,9 @@ on tiny-llama (every stage, the report's sections, the export, and a second run 
 
 from __future__ import annotations
 
-import math
+import json
 import re
+import shutil
 
 import pandas as pd
 import pytest
@@ -13,122 +14,9 @@ from typer.testing import CliRunner
 
 import kvdiag.cli
 from kvdiag.errors import KvdiagError
-from kvdiag.study.report import FAILS, HOLDS, UNSURE, claim1, claim2, claim3, markdown_table
 
 if not kvdiag.cli.app.registered_commands:
     kvdiag.cli._register()
-
-# role -> (label, budget), as run_reproduce records them
-ROLES = {"shadowkv": ("shadowkv", 0.015625), "shadowkv_10x": ("shadowkv", 0.15625),
-         "arkvale": ("arkvale:page_size=16", 0.0078125), "lrqk": ("lrqk", 0.00258),
-         "infinigen": ("infinigen:alpha=inf", 0.2), "yakv": ("yakv", 0.03125), "oracle": ("oracle", 0.03125)}  # fmt: skip
-
-
-def scores(**by_role) -> pd.DataFrame:
-    """A score table from role=(mean, stderr) (exact=... too)."""
-    rows = []
-    for role, (mean, stderr) in by_role.items():
-        label, budget = ("exact", 1.0) if role == "exact" else ROLES[role]
-        rows.append({"method": label, "budget": budget, "n": 4, "score_mean": mean, "score_stderr": stderr})
-    return pd.DataFrame(rows)
-
-
-def test_markdown_table_by_hand():
-    assert markdown_table(["method", "score"], [["exact", "36.0 ± 4.0"], ["a|b", 7]], align="lr") == (
-        "| method | score |\n|:--|--:|\n| exact | 36.0 ± 4.0 |\n| a\\|b | 7 |"
-    )
-    with pytest.raises(KvdiagError, match="has 1 cells for 2 columns"):
-        markdown_table(["a", "b"], [["x"]])
-
-
-NEEDLE_OK = scores(exact=(100, 0), shadowkv=(100, 0), arkvale=(97, 3), lrqk=(100, 0), infinigen=(100, 0))
-
-
-def test_claim1_holds_when_needle_is_lossless_and_most_pairs_lose():
-    # text2json: shadowkv 10 ± 2 and infinigen 20 ± 2 lose (intervals below 38..42, > 5 points down);
-    # arkvale 30 ± 9 is unclear (39 overlaps 38); lrqk 36 ± 3 is lossless (4 points down): 2 of 4 lose
-    t2j = scores(exact=(40, 2), shadowkv=(10, 2), shadowkv_10x=(25, 2), arkvale=(30, 9), lrqk=(36, 3),
-                 infinigen=(20, 2))  # fmt: skip
-    main, ten = claim1({"needle": NEEDLE_OK, "text2json": t2j}, {"needle": ROLES, "text2json": ROLES})
-    assert main.verdict == HOLDS
-    assert "2 of 4 (method, task) pairs lose" in main.evidence
-    assert "ShadowKV 10.0 ± 2.0 (loss)" in main.evidence and "ArkVale 30.0 ± 9.0 (unclear)" in main.evidence
-    assert "LRQK 36.0 ± 3.0 (lossless)" in main.evidence and "ArkVale 97.0 ± 3.0 (lossless)" in main.evidence
-    assert ten.verdict == HOLDS and "ShadowKV 10× 25.0 ± 2.0 (loss)" in ten.evidence
-
-
-def test_claim1_does_not_hold_or_is_inconclusive():
-    close = scores(exact=(40, 2), shadowkv=(38, 2), shadowkv_10x=(40, 2), arkvale=(36, 2), lrqk=(39, 1),
-                   infinigen=(40, 0))  # fmt: skip
-    main, ten = claim1({"needle": NEEDLE_OK, "text2json": close}, {"needle": ROLES, "text2json": ROLES})
-    assert main.verdict == FAILS and "0 of 4" in main.evidence  # every pair within 5 points
-    assert ten.verdict == UNSURE and "nothing to fix" in ten.evidence
-    needle_bad = scores(exact=(100, 0), shadowkv=(50, 5), arkvale=(40, 5), lrqk=(100, 0), infinigen=(100, 0))
-    assert (
-        claim1({"needle": needle_bad, "text2json": close}, {"needle": ROLES, "text2json": ROLES})[0].verdict
-        == FAILS
-    )
-    wide = scores(exact=(40, 10), shadowkv=(20, 10), shadowkv_10x=(39, 10), arkvale=(25, 10), lrqk=(22, 12),
-                  infinigen=(30, 10))  # fmt: skip
-    main, ten = claim1({"needle": NEEDLE_OK, "text2json": wide}, {"needle": ROLES, "text2json": ROLES})
-    assert main.verdict == UNSURE  # large drops, overlapping intervals: nothing loses significantly
-    fixed = scores(exact=(40, 2), shadowkv=(10, 2), shadowkv_10x=(38, 2), arkvale=(10, 2), lrqk=(10, 2),
-                   infinigen=(10, 2))  # fmt: skip
-    assert claim1({"needle": NEEDLE_OK, "t2j": fixed, "text2json": fixed},
-                  {"needle": ROLES, "text2json": ROLES})[1].verdict == FAILS  # fmt: skip
-    floor = scores(exact=(0, 0), shadowkv=(0, 0), arkvale=(0, 0), lrqk=(0, 0), infinigen=(0, 0))
-    assert (
-        claim1({"needle": NEEDLE_OK, "text2json": floor}, {"needle": ROLES, "text2json": ROLES})[0].verdict
-        == UNSURE
-    )
-
-
-def test_claim3_by_hand():
-    held = claim3(scores(exact=(40, 2), yakv=(35, 2), shadowkv=(10, 2)), ROLES)
-    assert held.verdict == HOLDS
-    assert (
-        held.evidence
-        == "exact 40.0 ± 2.0, YAKV 35.0 ± 2.0, ShadowKV 10.0 ± 2.0; YAKV recovers 83 % of ShadowKV's gap"
-    )
-    assert claim3(scores(exact=(40, 2), yakv=(8, 1), shadowkv=(20, 1)), ROLES).verdict == FAILS
-    assert (
-        claim3(scores(exact=(40, 2), yakv=(12, 3), shadowkv=(12, 1)), ROLES).verdict == FAILS
-    )  # no recovery
-    assert claim3(scores(exact=(40, 2), yakv=(25, 10), shadowkv=(10, 10)), ROLES).verdict == UNSURE
-    assert (
-        claim3(scores(exact=(40, math.nan), yakv=(35, math.nan), shadowkv=(10, math.nan)), ROLES).verdict
-        == UNSURE
-    )
-    assert claim3(None, ROLES).verdict == UNSURE
-
-
-def recall_rows(method: str, budget: float, **metrics) -> list[dict]:
-    base = {"attention_mass": 0.5, "recall": 0.5, "err_selection": 0.1, "err_key": 0.0, "err_total": 0.1,
-            "resident_bytes_per_token": 1.0}  # fmt: skip
-    return [{"method": method, "budget": budget, **base, **metrics, "layer": layer} for layer in (0, 1)]
-
-
-def test_claim2_by_hand():
-    b = 0.015625
-    table = pd.DataFrame(
-        recall_rows("shadowkv", b, err_key=0.3, err_selection=0.4, attention_mass=0.5)
-        + recall_rows("yakv", b, err_key=0.1, err_selection=0.2, attention_mass=0.7)
-        + recall_rows("oracle", 0.0078125, attention_mass=0.6) + recall_rows("oracle", b, attention_mass=0.9)
-    )  # fmt: skip
-    low, chunk = claim2(table, ROLES)
-    assert low.verdict == HOLDS and "err_key ShadowKV 0.300 (err_total 0.100) vs YAKV 0.100" in low.evidence
-    assert chunk.verdict == HOLDS and "reaches ShadowKV's attention mass at 0.7812 %" in chunk.evidence
-    oracle_half = (table.method == "oracle") & (table.budget == 0.0078125)
-    table.loc[oracle_half, "attention_mass"] = 0.4  # the oracle now needs ShadowKV's own budget
-    low, chunk = claim2(table, ROLES)
-    assert low.verdict == HOLDS and chunk.verdict == UNSURE and "mass at 1.562 %" in chunk.evidence
-    table.loc[table.method == "shadowkv", ["err_key", "err_selection"]] = [0.15, 0.22]
-    low, chunk = claim2(table, ROLES)
-    assert low.verdict == UNSURE and chunk.verdict == UNSURE  # 1.5x and 1.1x: between the thresholds
-    table.loc[table.method == "shadowkv", ["err_key", "err_selection"]] = [0.05, 0.2]
-    assert [f.verdict for f in claim2(table, ROLES)] == [FAILS, FAILS]
-    assert [f.verdict for f in claim2(None, ROLES)] == [UNSURE, UNSURE]
-
 
 # --- a whole run on tiny-llama ----------------------------------------------------------------------
 
@@ -154,37 +42,48 @@ def tiny_config():
     )  # fmt: skip
 
 
-def test_reproduce_end_to_end_then_everything_is_reused(tmp_path, monkeypatch, one_thread):
-    import kvdiag.analysis.recall
-    import kvdiag.analysis.spectrum
-    import kvdiag.eval.harness
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, one_thread):
     from kvdiag.study.reproduce import run_reproduce
 
-    out, said = tmp_path / "rep", []
-    result = run_reproduce("tiny-llama", out, config=tiny_config(), progress=False, echo=said.append,
-                           figures_dir=tmp_path / "figures")  # fmt: skip
-    stages = [
-        "spectrum",
-        "recall",
-        "eval_text2json",
-        "eval_multineedle",
-        "eval_html2tsv_synthetic",
-        "eval_needle",
-    ]
-    assert list(result["stages"]) == stages and all(isinstance(s, float) for s in result["stages"].values())
+    tmp = tmp_path_factory.mktemp("reproduce")
+    said = []
+    result = run_reproduce("tiny-llama", tmp / "rep", config=tiny_config(), progress=False, echo=said.append,
+                           figures_dir=tmp / "figures")  # fmt: skip
+    return tmp, result, said
+
+
+STAGES = [
+    "spectrum",
+    "recall",
+    "eval_text2json",
+    "eval_multineedle",
+    "eval_html2tsv_synthetic",
+    "eval_needle",
+]
+TASKS = ["text2json", "multineedle", "html2tsv_synthetic", "needle"]
+
+
+def test_reproduce_end_to_end(full_run):
+    tmp, result, said = full_run
+    out = tmp / "rep"
+    assert result["complete"] and result["remaining"] == []
+    assert list(result["stages"]) == STAGES and all(isinstance(s, float) for s in result["stages"].values())
     assert [line for line in said if line.startswith("[")][:2] == ["[1/6] spectrum: running ...", said[1]]
-    for stage in stages:
+    for stage in STAGES:
         assert (out / stage / "manifest.json").exists()
     report = (out / "report.md").read_text()
     for heading in ["## Findings", "## Configuration", "## text2json", "## multineedle", "## html2tsv_synthetic",
                     "## needle", "## Recall and error decomposition", "## Key spectra"]:  # fmt: skip
         assert heading in report
     assert (
-        len(re.findall(r"^- \*\*Claim [123]: .*: (holds|does not hold|inconclusive)\.\*\*", report, re.M))
-        == 6  # claims 1 (x2), 2 (x2), 3, and 3 again for kvdiag's centred YAKV
+        re.findall(r"^- \*\*Claim (\w+): .*: (?:holds|does not hold|inconclusive)\.\*\*", report, re.M)
+        == ["1a", "1b", "2a", "2b", "3", "3c", "4"]  # 3c: claim 3 for kvdiag's centred YAKV; 4: its gain
     )
+    assert "How the verdicts are decided" in report and "paired=True, BCa" in report
     assert "centred K/V, a kvdiag addition" in report
     assert "`html2tsv_synthetic` (kvdiag's synthetic pages" in report
+    assert "− exact [95 % CI]" in report and re.search(r"\(n = 1, no interval\) (floor|unclear) \|", report)
     t2j = pd.read_parquet(out / "eval_text2json" / "results.parquet")
     assert sorted(zip(t2j.method, t2j.budget)) == sorted([
         ("exact", 1.0), ("shadowkv:outlier_chunks=1", 0.015625), ("shadowkv:outlier_chunks=1", 0.15625),
@@ -193,11 +92,14 @@ def test_reproduce_end_to_end_then_everything_is_reused(tmp_path, monkeypatch, o
         ("oracle", 0.03125)])  # fmt: skip
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert "figures/study_scores.png" in links and all((out / link).exists() for link in links)
-    exported = (tmp_path / "figures" / "report.md").read_text()
+    exported = (tmp / "figures" / "report.md").read_text()
     flat = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", exported)
-    assert len(flat) == len(links) and all((tmp_path / "figures" / f).exists() for f in flat)
+    assert len(flat) == len(links) and all((tmp / "figures" / f).exists() for f in flat)
     assert "eval_text2json-score_vs_bytes.png" in flat
-    assert {p.suffix for p in (tmp_path / "figures").iterdir()} == {".md", ".png"}
+    assert {p.suffix for p in (tmp / "figures").iterdir() if p.is_file()} == {".md", ".png", ".json"}
+    assert sorted(p.name for p in (tmp / "figures" / "predictions").iterdir()) == sorted(
+        f"{t}.jsonl" for t in TASKS
+    )
 
     from kvdiag.plots import plot_run
 
@@ -206,6 +108,121 @@ def test_reproduce_end_to_end_then_everything_is_reused(tmp_path, monkeypatch, o
     redrawn = plot_run(out)  # `kvdiag plot` on the whole reproduce directory redraws every stage
     assert (out / "eval_needle" / "figures" / "score_vs_budget.png") in redrawn
     assert {p.parent.parent.name for p in redrawn} >= {"spectrum", "recall", "eval_text2json", "eval_needle"}
+
+
+def test_findings_json_and_the_predictions_hold_every_cell(full_run):
+    from kvdiag.models import load_tokenizer
+    from kvdiag.tasks import get_task
+
+    tmp, _, _ = full_run
+    out = tmp / "rep"
+    findings = json.loads((out / "findings.json").read_text())
+    assert findings == json.loads((tmp / "figures" / "findings.json").read_text())
+    run = findings["run"]
+    assert (
+        run["model"] == "tiny-llama"
+        and run["device"] == "cpu"
+        and run["versions"]["torch"] == torch.__version__
+    )
+    assert run["git"] and run["date"] and set(run["stages"]) == set(STAGES)
+    assert findings["statistics"]["seed"] == 0 and findings["statistics"]["margin"] == 5.0
+    assert [t["task"] for t in findings["tasks"]] == TASKS
+    for entry in findings["tasks"]:
+        manifest = json.loads((out / f"eval_{entry['task']}" / "manifest.json").read_text())
+        lengths = [s["prompt_tokens"] for s in manifest["samples"]]
+        assert entry["n"] == 1 and (entry["prompt_tokens_min"], entry["prompt_tokens_max"]) == (
+            min(lengths),
+            max(lengths),
+        )
+        assert len(entry["scores"]) == 9 and entry["scores"][0]["role"] == "exact"
+    claims = {c["id"]: c for c in findings["claims"]}
+    assert list(claims) == ["1a", "1b", "2a", "2b", "3", "3c", "4"]
+    assert all(c["verdict"] in ("holds", "does not hold", "inconclusive") for c in claims.values())
+    # n = 1 per task: no interval anywhere, so the sample-based claims stay undecided, with no n estimate
+    for key in ("1a", "3", "4"):
+        assert claims[key]["verdict"] == "inconclusive" and claims[key]["needed_n"] is None
+        assert {c["interval"] for c in claims[key]["comparisons"]} == {"none"}
+    versus = claims["4"]["comparisons"][0]
+    assert (versus["a"], versus["b"], versus["task"]) == ("yakv_centered", "yakv", "text2json")
+    assert versus["mean_difference"] == pytest.approx(claims["4"]["scores"]["text2json"]["yakv_centered"]
+                                                      - claims["4"]["scores"]["text2json"]["yakv"])  # fmt: skip
+    assert "err_key" in claims["2a"]["numbers"]["shadowkv"]
+
+    tokenizer = load_tokenizer("tiny-llama")
+    plans = {p.task.replace("html2tsv", "html2tsv_synthetic"): p for p in tiny_config().tasks}
+    for task in TASKS:
+        lines = [json.loads(x) for x in (out / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+        results = pd.read_parquet(out / f"eval_{task}" / "results.parquet")
+        assert len(lines) == len(results) == 9
+        assert {(x["method"], x["budget"]) for x in lines} == set(zip(results.method, results.budget))
+        assert {x["role"] for x in lines} == {"exact", *ROLE_NAMES}
+        plan = plans[task]  # the gold answers, generated again from the task
+        knobs = {k: v for k, v in plan.knobs.items() if k in get_task(task).knobs()}
+        sample = get_task(task, **knobs).samples(
+            1, seed=0, tokenizer=tokenizer, target_tokens=plan.target_tokens
+        )[0]
+        assert all(
+            x["gold"] == json.loads(json.dumps(sample.gold)) and x["sample_id"] == sample.id for x in lines
+        )
+        assert sorted(x["score"] for x in lines) == sorted(results.score)
+
+
+def test_runs_whose_rows_lack_the_gold_get_it_from_the_task(full_run, tmp_path):
+    from kvdiag.study.findings import prediction_rows
+
+    tmp, _, _ = full_run
+    old = tmp_path / "eval_needle"  # as written before prediction rows carried their gold answer
+    shutil.copytree(tmp / "rep" / "eval_needle", old)
+    rows = [json.loads(x) for x in (old / "predictions.jsonl").read_text().splitlines()]
+    (old / "predictions.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "gold"}) + "\n"
+                                                   for r in rows))  # fmt: skip
+    exported = prediction_rows(old, {})
+    assert [x["gold"] for x in exported] == [r["gold"] for r in rows] and len(rows) == 9
+
+
+ROLE_NAMES = {"shadowkv", "shadowkv_10x", "arkvale", "lrqk", "infinigen", "yakv", "yakv_centered", "oracle"}
+
+
+def test_rescore_agrees_and_catches_a_tampered_export(full_run):
+    from kvdiag.study.findings import rescore
+
+    tmp, _, _ = full_run
+    assert rescore(tmp / "rep") == {"rows": 36, "tasks": dict.fromkeys(TASKS, 9), "mismatches": []}
+    ok = CliRunner().invoke(kvdiag.cli.app, ["rescore", str(tmp / "figures")])
+    assert ok.exit_code == 0 and "all 36 stored scores" in ok.output
+
+    tampered = tmp / "tampered"
+    shutil.copytree(tmp / "figures", tampered)
+    path = tampered / "predictions" / "needle.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    lines[0]["score"] += 50
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines[:-1]))  # one score changed, one cell dropped
+    mismatches = rescore(tampered)["mismatches"]
+    assert any(
+        f"needle {lines[0]['sample_id']} {lines[0]['method']}" in m and "stored score" in m
+        for m in mismatches
+    )
+    assert any(
+        f"{lines[-1]['method']}@{float(lines[-1]['budget'])}: findings.json has n = 1" in m
+        for m in mismatches
+    )
+    bad = CliRunner().invoke(kvdiag.cli.app, ["rescore", str(tampered)])
+    assert bad.exit_code == 1 and "disagreements in 35 predictions" in bad.output
+    with pytest.raises(KvdiagError, match="has no findings.json"):
+        rescore(tmp)
+
+
+def test_a_finished_run_is_reused_and_a_conflict_refused(full_run, monkeypatch):
+    import dataclasses
+
+    import kvdiag.analysis.recall
+    import kvdiag.analysis.spectrum
+    import kvdiag.eval.harness
+    from kvdiag.study.reproduce import run_reproduce
+
+    tmp, _, said = full_run
+    out = tmp / "rep"
+    report = (out / "report.md").read_text()
 
     def fail(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
@@ -216,9 +233,11 @@ def test_reproduce_end_to_end_then_everything_is_reused(tmp_path, monkeypatch, o
     said.clear()
     again = run_reproduce("tiny-llama", out, config=tiny_config(), progress=False, echo=said.append)
     assert set(again["stages"].values()) == {"skipped"}
-    assert (out / "report.md").read_text() == report
-    with pytest.raises(KvdiagError, match="reproduce configuration differs in"):
-        run_reproduce("tiny-llama", out, config=tiny_config(), n=2, progress=False, echo=said.append)
+    assert (out / "report.md").read_text() == report  # seeded intervals: the same report
+    config = tiny_config()
+    config.tasks[3] = dataclasses.replace(config.tasks[3], max_new_tokens=5)
+    with pytest.raises(KvdiagError, match=r"has tasks\[needle\]\.max_new_tokens = 4 and now 5"):
+        run_reproduce("tiny-llama", out, config=config, progress=False, echo=said.append)
 
 
 def test_cli_reproduce_errors_in_one_line(tmp_path):

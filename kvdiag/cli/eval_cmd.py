@@ -17,7 +17,10 @@ runs; --methods exact runs only it. Budgets are separated by ','; "0.03125" or "
 fraction of the prompt, "2048" a token count.
 
 Re-running with the same --out resumes: finished (sample, method, budget) cells in predictions.jsonl
-are skipped; a different configuration is refused.
+are skipped, also after a kill. A run may grow: a larger --n, another method or another budget only
+adds cells; a change that would alter existing cells (model, task knobs, seed, --target-tokens,
+--max-new-tokens, chat, device, dtype, fidelity, a method whose knobs changed) is refused, naming
+the field and both values.
 
 \b
 Examples:
@@ -81,10 +84,10 @@ def register(app: typer.Typer) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
-        from kvdiag.analysis.recall import parse_budget
         from kvdiag.cli.recall_cmd import split_specs
         from kvdiag.eval.harness import run_eval
         from kvdiag.eval.inputs import parse_task_knobs
+        from kvdiag.methods import parse_budget
 
         specs = split_specs(methods, method)
         budget_list = [parse_budget(b) for b in budgets.split(",") if b.strip()]

@@ -71,7 +71,8 @@ def register(app: typer.Typer) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
-        from kvdiag.analysis.recall import parse_budget, run_recall
+        from kvdiag.analysis.recall import run_recall
+        from kvdiag.methods import parse_budget
 
         specs = split_specs(methods, method)
         budget_list = [parse_budget(b) for b in budgets.split(",") if b.strip()]

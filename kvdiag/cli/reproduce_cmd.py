@@ -11,15 +11,24 @@ from kvdiag.cli import friendly_errors
 EXAMPLES = """
 Runs spectrum/, recall/ and eval_<task>/ sub-runs (text2json, multineedle, html2tsv or
 html2tsv_synthetic, needle) into --out with the study's method configurations at their budgets,
-then writes report.md with tables, figures and a verdict per claim of the study. Re-running with
-the same --out skips finished stages and resumes unfinished ones.
+then writes report.md with tables, figures and a verdict per claim of the study (paired bootstrap
+intervals against exact), findings.json and predictions/<task>.jsonl. Re-running with the same --out
+skips finished stages and resumes unfinished ones cell by cell; a larger --n adds samples.
+
+Several short jobs: --max-minutes M starts no stage and no eval cell after M minutes (give the job M
+plus the longest cell of slack), --stages runs some stages now and the rest later; the call that
+finds every stage done writes the report.
+
+Configurations: --quick (= --config quick, a 2-core CPU), --config gpu (the default: one H200), or
+--config FILE.yaml (see kvdiag.study.configs); --task-knob task:knob=value overrides a task's knob.
 
 \b
 Examples:
   kvdiag reproduce --quick --out runs/reproduce          # qwen2.5-coder-0.5b on a CPU, ~15-20 min
   kvdiag reproduce --quick --out runs/reproduce --figures-dir figures   # + export report and PNGs
-  kvdiag reproduce --model meta-llama/Llama-3.2-3B-Instruct --device cuda
-      --data-dir /data --out runs/llama3b                 # full mode, for a GPU
+  kvdiag reproduce --config gpu --device cuda --data-dir /data --out runs/gpu
+      --task-knob text2json:n_entities=8 --max-minutes 8    # repeat until it says "report:"
+  kvdiag reproduce --config gpu --device cuda --data-dir /data --out runs/gpu --stages spectrum,recall
   python -m kvdiag.study.reproduce --export runs/reproduce figures   # export only
 """
 
@@ -35,6 +44,22 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(
             False, "--quick", help="CPU-sized: short prompts, few samples, every 4th layer in recall"
         ),
+        config: str = typer.Option(
+            None, "--config", help="quick, gpu (default without --quick) or a YAML file"
+        ),
+        task_knob: list[str] = typer.Option(
+            None, "--task-knob", help="task:knob=value, e.g. text2json:n_entities=8; may be repeated"
+        ),
+        stages: str = typer.Option(
+            None,
+            "--stages",
+            help="','-separated stages to run now: spectrum, recall, text2json, ... (default all)",
+        ),
+        max_minutes: float = typer.Option(
+            None,
+            "--max-minutes",
+            help="start no stage or eval cell after this many minutes; re-run to continue",
+        ),
         n: int = typer.Option(None, "--n", help="samples per task (default: the mode's)"),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto"),
         data_dir: Path = typer.Option(
@@ -48,10 +73,22 @@ def register(app: typer.Typer) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
+        from kvdiag.errors import KvdiagError
+        from kvdiag.study.configs import load_config, override_knobs
         from kvdiag.study.reproduce import run_reproduce
 
+        if quick and config not in (None, "quick"):
+            raise KvdiagError(f"--quick and --config {config} contradict each other; give one")
+        chosen = override_knobs(load_config("quick" if quick else config or "gpu"), task_knob or [])
         result = run_reproduce(
-            model or "qwen2.5-coder-0.5b", out, quick=quick, device=device, data_dir=data_dir, n=n,
-            figures_dir=figures_dir, echo=lambda line: typer.echo(line, err=True),
+            model or "qwen2.5-coder-0.5b", out, device=device, data_dir=data_dir, n=n, config=chosen,
+            figures_dir=figures_dir,
+            stages=None if stages is None else [s for s in stages.split(",") if s.strip()],
+            max_minutes=max_minutes, echo=lambda line: typer.echo(line, err=True),
         )  # fmt: skip
-        typer.echo(f"{result['report']} ({result['seconds']:.0f} s)")
+        if result["complete"]:
+            typer.echo(f"{result['report']} ({result['seconds']:.0f} s)")
+        else:
+            typer.echo(
+                f"partial: {', '.join(result['remaining'])} left ({result['seconds']:.0f} s); run again"
+            )

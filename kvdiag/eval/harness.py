@@ -27,12 +27,14 @@ query that produces the first generated token, and the last prompt token itself 
 L − 1, all the indexed ones). The exact cells take the same path without the simulator: the same
 tokens as plain `model.generate` (tests/test_reproduce.py checks it).
 
-Run directory (`kvdiag.eval.store`): predictions.jsonl (one line per finished cell, appended at once,
-so an interrupted run loses nothing written; a re-run with the same `out` skips the cells already
-there, and a run whose config differs from `manifest.json`'s is refused, naming the differing keys),
-results.parquet (the tidy table, columns `RESULT_COLUMNS`, plus `metric_*` for tasks with several
-metrics), manifest.json (config, each method's knobs and budgets, versions, seed) and figures/ (see
-`kvdiag.plots.eval`).
+Run directory (`kvdiag.eval.store`): predictions.jsonl (one line per finished cell with its prediction
+and gold, appended at once, so an interrupted run loses nothing written; a re-run with the same `out`
+skips the cells already there and may add samples, methods and budgets, while a real conflict, such as
+another seed or a method whose knobs changed, is refused: `kvdiag.eval.resume`), results.parquet (the
+tidy table of every cell of the run, columns `RESULT_COLUMNS`, plus `metric_*` for tasks with several
+metrics), manifest.json (config, each method's knobs and budgets, each sample's prompt SHA-256,
+versions, seed, one entry per invocation) and figures/ (see `kvdiag.plots.eval`). With a `deadline`
+no new cell starts after it; the run is then "partial" and the same call continues it.
 
 Fidelity (`kvdiag.eval.fidelity.teacher_forced_fidelity`) teacher-forces the gold answer, serialised as
 the task expects it (`gold_answer_text`), once per sample for all its pending method cells (its own
@@ -66,6 +68,7 @@ from kvdiag.eval.inputs import (  # noqa: F401  (re-exported: the harness's publ
     resolve_runs,
     split_method_budget,
 )
+from kvdiag.eval.resume import merge_manifest, previous_manifest, prompt_digest
 from kvdiag.eval.store import (  # noqa: F401  (re-exported: the harness's public names)
     EXACT,
     PREDICTIONS,
@@ -74,7 +77,6 @@ from kvdiag.eval.store import (  # noqa: F401  (re-exported: the harness's publi
     append_row,
     cell_key,
     check_out,
-    check_resume,
     read_predictions,
     results_table,
     score_table,
@@ -307,6 +309,7 @@ def _run_cell(cell: Cell, net, tokenizer, task, input_ids, max_new_tokens: int, 
         "sample_id": cell.sample.id, "task": task.name, "method": cell.label, "method_spec": cell.spec,
         "budget": cell.budget, "budget_tokens": budget_tokens, "budget_fraction": budget_tokens / length,
         "prompt_tokens": length, "n_facts": cell.sample.meta.get("n_facts"), "prediction": prediction,
+        "gold": cell.sample.gold,
         "score": float(metrics[task.metric] if task.metric in metrics else task.score(prediction, cell.sample)),
         "metrics": metrics, "tokens_generated": n_new,
         "hit_cap": bool(n_new >= max_new_tokens and int(new_ids[-1]) not in eos), "wall_s": round(wall, 4),
@@ -328,16 +331,19 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
              budgets: Sequence[float | int] = DEFAULT_BUDGETS, task_knobs: dict | None = None, n: int = 4,
              target_tokens: int = 2048, max_new_tokens: int = 256, seed: int = 0, chat: bool | None = None,
              data_dir=None, device: str | None = "cpu", dtype=None, fidelity: bool = True,
-             figures: bool = True, progress: bool = True, shared_prefill: bool = True) -> dict:  # fmt: skip
+             figures: bool = True, progress: bool = True, shared_prefill: bool = True,
+             deadline: float | None = None) -> dict:  # fmt: skip
     """The `kvdiag eval` pipeline (see the module docstring); resumes into an existing `out`.
 
     methods: specs ("shadowkv:rank=320", "yakv@3.125%"), Method objects or (method, budget) pairs,
     default every method but exact; budgets: fractions of the prompt in (0, 1] or token counts, for the
     methods without their own; task_knobs: the task's knobs (typed values); data_dir: sets the task's
     `data_dir` knob; chat: None = the chat template when the tokenizer has one; shared_prefill: False
-    prefills every cell on its own (plain `generate`, slower; the same tokens). Every input is
+    prefills every cell on its own (plain `generate`, slower; the same tokens); deadline: a
+    `time.monotonic()` value after which no new cell starts (the run is then partial). Every input is
     validated before the model loads and before anything is written.
-    Returns {"out", "predictions", "table", "figures", "cells", "new_cells", "seconds", "scores"}.
+    Returns {"out", "predictions", "table", "figures", "cells", "new_cells", "seconds", "scores",
+    "complete"} (cells and new_cells count this call's cells).
     """
     from tqdm.auto import tqdm
 
@@ -375,7 +381,7 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
         "dtype": None if dtype is None else str(dtype), "fidelity": fidelity,
     }  # fmt: skip
     config = json.loads(json.dumps(config, default=str))
-    previous = check_resume(out, config) if out.exists() else None
+    previous = previous_manifest(out, config) if out.exists() else None
 
     # samples and prompt lengths need only the tokenizer: checked before the model loads or a file is written
     tokenizer = load_tokenizer(model)
@@ -397,6 +403,12 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
             except KvdiagError as err:
                 raise KvdiagError(f"sample {s.id} ({length} prompt tokens): {err}") from None
 
+    merged = merge_manifest(out, previous, config, [
+        {"label": r.label, "spec": r.spec, "name": r.method.name, "paper": r.method.paper, "knobs": r.method.knobs(),
+         "budgets": r.budgets, "own_budgets": r.pinned} for r in runs], [
+        {"id": s.id, "prompt_tokens": int(prompts[s.id].shape[1]), "prompt_sha256": prompt_digest(prompts[s.id]),
+         **s.meta} for s in samples])  # fmt: skip
+
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -410,13 +422,10 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
         "metric": task_obj.metric, "chat_used": use_chat, "eos_token_ids": eos,
         "data_found": task_obj.data_available(), "data_dir_env": os.environ.get("KVDIAG_DATA_DIR"),
         "first_created": (previous or {}).get("first_created") or (previous or {}).get("created"),
-        "methods": [{"label": r.label, "spec": r.spec, "name": r.method.name, "paper": r.method.paper,
-                     "knobs": r.method.knobs(), "budgets": r.budgets, "own_budgets": r.pinned} for r in runs],
-        "samples": [{"id": s.id, "prompt_tokens": int(prompts[s.id].shape[1]), **s.meta} for s in samples],
+        "methods": merged["methods"], "samples": merged["samples"], "invocations": merged["invocations"],
         "shared_prefill": shared_prefill,
     }  # fmt: skip
-    if previous is None:
-        write_manifest(out, "eval", config, {**extra, "status": "running"})
+    write_manifest(out, "eval", merged["config"], {**extra, "status": "running"})
 
     cells = [c for s in samples for c in [Cell(s, None, EXACT, EXACT, 1.0)] + [
         Cell(s, r.method, r.label, r.spec, b) for r in runs for b in r.budgets]]  # fmt: skip
@@ -428,7 +437,12 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
         disable=not progress,
     )  # fmt: skip
     exact_bytes, sample_now, fid, prefill = _exact_bytes_per_token(net), None, {}, None
+    ran, stopped = 0, False
     for cell in pending:
+        if deadline is not None and time.monotonic() >= deadline:
+            stopped = True
+            log.info("deadline reached: %d cells left for the next run", len(pending) - ran)
+            break
         ids = prompts[cell.sample.id].to(device)
         if sample_now is not cell.sample:  # a new sample: its fidelity and its shared prefill
             sample_now, fid, prefill = cell.sample, {}, None
@@ -445,24 +459,23 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
         row = _run_cell(cell, net, tokenizer, task_obj, ids, max_new_tokens, eos, fid.get(cell.key), exact_bytes,
                         prefill)  # fmt: skip
         append_row(out / PREDICTIONS, row)
+        ran += 1
         bar.update()
     bar.close()
     prefill = None
 
-    wanted = {c.key for c in cells}
-    rows = [r for r in read_predictions(out) if cell_key(r["sample_id"], r["method"], r["budget"]) in wanted]
-    table = results_table(rows)
+    table = results_table(read_predictions(out))  # every cell of the run, this call's and earlier ones
     write_table(table, out / RESULTS)
     seconds = round(time.perf_counter() - start, 1)
-    write_manifest(out, "eval", config, {**extra, "status": "complete", "cells": len(cells),
-                                         "new_cells": len(pending), "seconds_last_run": seconds})  # fmt: skip
+    write_manifest(out, "eval", merged["config"], {**extra, "status": "partial" if stopped else "complete",
+                                                   "cells": len(table), "new_cells": ran, "seconds_last_run": seconds})  # fmt: skip
     drawn = []
-    if figures:
+    if figures and not stopped:
         from kvdiag.plots.eval import plot_eval_run
 
         drawn = plot_eval_run(out)
     return {
         "out": out, "predictions": out / PREDICTIONS, "table": out / RESULTS, "figures": drawn,
-        "cells": len(cells), "new_cells": len(pending), "seconds": time.perf_counter() - start,
-        "scores": score_table(table),
+        "cells": len(cells), "new_cells": ran, "seconds": time.perf_counter() - start,
+        "scores": score_table(table), "complete": not stopped,
     }  # fmt: skip

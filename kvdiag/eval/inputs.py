@@ -66,7 +66,7 @@ class MethodRun:
 
 def split_method_budget(item) -> tuple[Method | str, float | int | None]:
     """ "spec@budget" / (method, budget) / spec / Method -> (spec or Method, budget or None)."""
-    from kvdiag.analysis.recall import parse_budget
+    from kvdiag.methods import parse_budget
 
     if isinstance(item, tuple):
         if len(item) != 2:
@@ -84,8 +84,7 @@ def resolve_runs(methods, budgets: Sequence[float | int]) -> list[MethodRun]:
     (exact always runs, as plain generation), so [] or ["exact"] mean an exact-only run; None = every
     registered method but exact, each at every budget. A method may appear several times with its own
     budgets; the same (label, budget) twice is an error."""
-    from kvdiag.methods import check_budget, default_methods
-    from kvdiag.methods import parse_method_spec
+    from kvdiag.methods import check_budget, default_methods, parse_method_spec
 
     runs: dict[str, MethodRun] = {}
     for item in default_methods() if methods is None else methods:

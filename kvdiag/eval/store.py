@@ -3,6 +3,7 @@ against manifest.json, and the tidy results / score tables rebuilt from it.
 
 - predictions.jsonl: one JSON line per finished cell (sample, method label, budget), appended with
   flush + fsync as soon as the cell finishes; a torn last line (a kill mid-write) is cut off on read;
+  what a later invocation may add to a run is `kvdiag.eval.resume`'s business;
 - results.parquet: `results_table` of those lines (columns `RESULT_COLUMNS`, plus `metric_*` for tasks
   with several metrics); `score_table` aggregates it per method × budget.
 """
@@ -66,32 +67,15 @@ def append_row(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def check_resume(out: Path, config: dict) -> dict | None:
-    """The existing manifest of `out` when it is a resumable eval run with this config (None when
-    there is none yet), else an error naming the differing keys."""
-    manifest_path = out / "manifest.json"
-    if not manifest_path.exists():
-        if (out / PREDICTIONS).exists():
-            raise KvdiagError(f"{out} has {PREDICTIONS} but no manifest.json; use a new --out")
-        return None
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("command") != "eval":
-        raise KvdiagError(f"{out} holds a {manifest.get('command')!r} run, not an eval run; use a new --out")
-    old = manifest.get("config", {})
-    differing = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-    if differing:
-        details = "; ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in differing)
-        raise KvdiagError(
-            f"cannot resume into {out}: its config differs in {', '.join(differing)} ({details}); "
-            f"use the same options or a new --out"
-        )
-    return manifest
-
-
 def results_table(rows: list[dict]) -> pd.DataFrame:
-    """The tidy results table from prediction rows (prediction text left out)."""
-    records = []
+    """The tidy results table from prediction rows (prediction and gold text left out; the first row
+    of a cell wins should one appear twice)."""
+    records, seen = [], set()
     for row in rows:
+        key = cell_key(row["sample_id"], row["method"], row["budget"])
+        if key in seen:
+            continue
+        seen.add(key)
         record = {c: row.get(c) for c in RESULT_COLUMNS}
         record.update(
             {f"metric_{k}": v for k, v in (row.get("metrics") or {}).items() if len(row["metrics"]) > 1}

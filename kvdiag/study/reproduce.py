@@ -12,16 +12,23 @@ Stages, each its own run directory under `out` (`kvdiag plot` redraws any of the
                    data is found, else html2tsv_synthetic; the report says which) and needle, each with
                    exact and the study's configurations at their budgets (`study_methods`).
 Then report.md (`kvdiag.study.report`): configuration, per-task tables, the recall table at the study's
-budgets, figures, and **Findings**, one verdict per claim of the study.
+budgets, figures, and **Findings**, one verdict per claim of the study, decided from paired bootstrap
+intervals (`kvdiag.study.claims`); beside it findings.json and predictions/<task>.jsonl, the
+machine-readable results (`kvdiag.study.findings`; `kvdiag rescore` re-scores them).
 
 The study's configurations (reference/METHODS.md): ShadowKV defaults at 1.5625 % and at 15.625 %
 (10× budget); ArkVale `ArkVale.study()` at 0.78125 %; LRQK `LRQK.study(family)` (qwen rank for Qwen
 models, else llama) at 0.258 % active tokens; InfiniGen `InfiniGen.study()` (top-k, no threshold) at
 its release budget 0.2; YAKV defaults at 3.125 %; the oracle at 3.125 %.
 
-Resuming: a stage whose sub-run finished with the same stage config (recorded in `out`/manifest.json)
-is skipped; eval sub-runs also resume cell by cell; a different configuration in the same `out` is
-refused. Every stage prints one line when it starts and one when it ends.
+Resuming, and a reproduction as several short jobs: a stage whose sub-run finished with the same stage
+config (recorded in `out`/manifest.json) is skipped; eval sub-runs resume cell by cell and grow by
+samples (`--n` larger than before); any other change of configuration in the same `out` is refused,
+naming the field. `stages=` (`--stages text2json,needle`) runs a subset now and leaves the rest for a
+later call; `max_minutes=` (`--max-minutes 8`) starts no stage and no eval cell after that many minutes,
+so a job of M minutes needs M plus the longest cell (and the model load) of wall time. report.md is
+written by the call that finds every stage done. Every stage prints one line when it starts and one
+when it ends.
 
 Quick mode (`quick_config`), sized for a 2-core CPU in about 15-20 minutes with qwen2.5-coder-0.5b
 (prefill ~11 s per 1.2K-token prompt, decode ~0.15 s per token exact and ~0.2 s in the simulator):
@@ -36,141 +43,43 @@ Quick mode (`quick_config`), sized for a 2-core CPU in about 15-20 minutes with 
 - spectrum on all layers; recall on every 4th layer (2, 6, ..., 22 of 24), 32 query positions;
 - ShadowKV's 48 outlier chunks (384 tokens, 0.29 % of a 128K prompt) would be a third of a 1.2K
   prompt: quick scales them to the same 0.29 % of the prompt, at least one chunk (1 chunk here).
-  Its 32-token local window is kept (2.6 % of such a prompt). Full mode keeps upstream's defaults.
-The full mode (`full_config`, for a GPU) runs more samples on 16K-token prompts, all layers.
+  Its 32-token local window is kept (2.6 % of such a prompt).
+The GPU mode (`gpu_config`, the default without --quick) runs 20-50 samples per task on 12K-16K-token
+prompts, LongProc's real pages, all layers; see `kvdiag.study.configs` for it, YAML files and
+`--task-knob task:knob=value` overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from kvdiag.errors import KvdiagError
+from kvdiag.errors import KvdiagError, unknown_name_error
+from kvdiag.study.configs import (  # noqa: F401  (re-exported: reproduce's public names)
+    CONFIGS,
+    HTML_TASKS,
+    OUTLIER_SHARE,
+    RECALL_SWEEP,
+    ROLE_TITLES,
+    STUDY_BUDGETS,
+    ReproduceConfig,
+    StudyMethod,
+    TaskPlan,
+    gpu_config,
+    load_config,
+    model_family,
+    quick_config,
+    roles_of,
+    study_methods,
+    unique_methods,
+)
 
 log = logging.getLogger(__name__)
-
-# study budgets: ShadowKV 2048 of 128K (and 10x), ArkVale, LRQK's active share, InfiniGen, YAKV/oracle
-STUDY_BUDGETS = {"shadowkv": 0.015625, "shadowkv_10x": 0.15625, "arkvale": 0.0078125, "lrqk": 0.00258,
-                 "infinigen": 0.2, "yakv": 0.03125, "yakv_centered": 0.03125, "oracle": 0.03125}  # fmt: skip
-RECALL_SWEEP = (0.0078125, 0.015625, 0.03125, 0.0625, 0.125)
-OUTLIER_SHARE = 48 * 8 / 131072  # ShadowKV's 384 outlier tokens of a 128K prompt (0.29 %)
-ROLE_TITLES = {"shadowkv": "ShadowKV", "shadowkv_10x": "ShadowKV 10× budget", "arkvale": "ArkVale",
-               "lrqk": "LRQK", "infinigen": "InfiniGen", "yakv": "YAKV",
-               "yakv_centered": "YAKV, centred K/V (kvdiag addition)", "oracle": "oracle top-k"}  # fmt: skip
-
-
-@dataclasses.dataclass
-class TaskPlan:
-    """One eval stage: a task, its knobs, how many samples, how long their prompts and answers."""
-
-    task: str
-    n: int
-    target_tokens: int
-    max_new_tokens: int
-    knobs: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class ReproduceConfig:
-    """What `run_reproduce` runs (see `quick_config` / `full_config`)."""
-
-    tasks: list[TaskPlan]
-    analysis_tokens: int  # prompt length of the spectrum and recall stages (a Text2JSON sample)
-    analysis_knobs: dict = dataclasses.field(default_factory=dict)  # its Text2JSON knobs
-    recall_layer_stride: int = 1  # recall on layers stride//2, stride//2 + stride, ... (1: all)
-    recall_queries: int = 64
-    recall_sweep: tuple = RECALL_SWEEP
-    scale_outliers: bool = False  # ShadowKV outlier chunks scaled to OUTLIER_SHARE of the prompt
-    fidelity: bool = True
-    html2tsv_real: bool = True  # use LongProc's real pages when the data is found
-
-    def to_json(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-
-def quick_config() -> ReproduceConfig:
-    """CPU-sized (see the module docstring for each choice)."""
-    return ReproduceConfig(
-        tasks=[
-            TaskPlan("text2json", 2, 1200, 128, {"n_entities": 4, "n_distractors": 2}),
-            TaskPlan("multineedle", 1, 1200, 88, {"depths": [0.0, 25.0, 50.0, 75.0, 100.0]}),
-            TaskPlan("html2tsv", 1, 1200, 112, {"n_items": 4}),
-            TaskPlan("needle", 2, 1200, 24),
-        ],
-        analysis_tokens=1200, recall_layer_stride=4, recall_queries=32, scale_outliers=True,
-        html2tsv_real=False,
-    )  # fmt: skip
-
-
-def full_config() -> ReproduceConfig:
-    """GPU-sized: more samples, 16K-token prompts, the release's 1024-token cap on Text2JSON."""
-    return ReproduceConfig(
-        tasks=[
-            TaskPlan("text2json", 50, 16384, 1024),
-            TaskPlan("multineedle", 20, 16384, 320),
-            TaskPlan("html2tsv", 20, 16384, 1024),
-            TaskPlan("needle", 20, 16384, 64),
-        ],
-        analysis_tokens=16384,
-    )  # fmt: skip
-
-
-# --- the study's configurations ---------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class StudyMethod:
-    role: str  # key of STUDY_BUDGETS / ROLE_TITLES
-    method: Any  # kvdiag Method
-    budget: float
-
-    @property
-    def label(self) -> str:
-        return self.method.label()
-
-
-def model_family(model: str) -> str:
-    """'qwen' for Qwen2/Qwen3 models, else 'llama' (LRQK's study rank), from the model's config."""
-    from kvdiag.models import describe_model, known_models
-
-    if model in known_models():
-        arch = str(describe_model(model).get("architecture", ""))
-    else:
-        from transformers import AutoConfig
-
-        arch = str(getattr(AutoConfig.from_pretrained(model), "model_type", ""))
-    return "qwen" if "qwen" in arch.lower() else "llama"
-
-
-def study_methods(family: str, prompt_tokens: int | None = None) -> list[StudyMethod]:
-    """The study's configurations at their budgets; prompt_tokens: scale ShadowKV's outlier chunks to
-    OUTLIER_SHARE of a prompt of that length (at least one chunk) instead of upstream's 48."""
-    from kvdiag.methods import get_method
-    from kvdiag.methods.arkvale import ArkVale
-    from kvdiag.methods.infinigen import InfiniGen
-    from kvdiag.methods.lrqk import LRQK
-
-    shadow = {}
-    if prompt_tokens is not None:
-        chunk = get_method("shadowkv").chunk
-        shadow["outlier_chunks"] = max(1, round(OUTLIER_SHARE * prompt_tokens / chunk))
-    methods = {
-        "shadowkv": get_method("shadowkv", **shadow), "shadowkv_10x": get_method("shadowkv", **shadow),
-        "arkvale": ArkVale.study(), "lrqk": LRQK.study(family), "infinigen": InfiniGen.study(),
-        "yakv": get_method("yakv"), "yakv_centered": get_method("yakv", center=True),
-        "oracle": get_method("oracle"),
-    }  # fmt: skip
-    return [StudyMethod(role, m, STUDY_BUDGETS[role]) for role, m in methods.items()]
-
-
-def roles_of(studied: list[StudyMethod]) -> dict[str, tuple[str, float]]:
-    """role -> (method label, budget): how the report finds each configuration in the tables."""
-    return {s.role: (s.label, s.budget) for s in studied}
-
 
 # --- the pipeline -----------------------------------------------------------------------------------
 
@@ -186,37 +95,97 @@ def _html2tsv_task(config: ReproduceConfig, data_dir) -> str:
     return "html2tsv_synthetic"
 
 
-def _stage_done(out: Path, name: str, stage_config: dict, previous: dict | None, artefact: str) -> bool:
-    stages = (previous or {}).get("stages", {})
-    record = stages.get(name, {})
-    return (
-        record.get("status") == "complete"
-        and record.get("config") == stage_config
-        and (out / name / artefact).exists()
-    )
+def _adapt_plan(plan: TaskPlan, html_task: str) -> TaskPlan:
+    """The html2tsv plan runs as `html_task` (real or synthetic) with that task's knobs only."""
+    if plan.task != "html2tsv":
+        return plan
+    from kvdiag.tasks import TASKS
+
+    own = TASKS[html_task].knobs()
+    return dataclasses.replace(plan, task=html_task, knobs={k: v for k, v in plan.knobs.items() if k in own})
+
+
+def select_stages(stage_names: list[str], wanted) -> set[str]:
+    """The stages to run: all (None), or those named in `wanted` ("spectrum", "recall", a task name such
+    as "text2json" or "eval_text2json"; "html2tsv" is the HTML→TSV stage, real or synthetic)."""
+    if wanted is None:
+        return set(stage_names)
+    chosen = set()
+    for item in wanted:
+        name = item.strip().removeprefix("eval_")
+        if name in HTML_TASKS:
+            name = "html2tsv"
+        found = [s for s in stage_names if s.removeprefix("eval_").replace("_synthetic", "") == name]
+        if not found:
+            raise unknown_name_error("stage", item.strip(), [s.removeprefix("eval_") for s in stage_names])
+        chosen.update(found)
+    return chosen
+
+
+def _comparable(top: dict) -> dict:
+    """A reproduce config without what may change between jobs: the data folder's path (the eval
+    stages check the prompts themselves), the configuration's name (its content is compared) and each
+    task's n (eval runs grow by samples)."""
+    return {**{k: v for k, v in top.items() if k not in ("data_dir", "name", "quick")},
+            "tasks": [{k: v for k, v in t.items() if k != "n"} for t in top.get("tasks", [])]}  # fmt: skip
+
+
+def _check_same_study(out: Path, old: dict, new: dict) -> None:
+    before, now = _comparable(old), _comparable(new)
+    for key in sorted(set(before) | set(now)):
+        if before.get(key) == now.get(key):
+            continue
+        field, was, is_ = key, before.get(key), now.get(key)
+        if key == "tasks" and [t["task"] for t in was or []] == [t["task"] for t in is_ or []]:
+            for a, b in zip(was, is_):
+                differing = [k for k in a if a[k] != b.get(k)]
+                if differing:
+                    field, was, is_ = (
+                        f"tasks[{a['task']}].{differing[0]}",
+                        a[differing[0]],
+                        b.get(differing[0]),
+                    )
+                    break
+        raise KvdiagError(
+            f"cannot resume into {out}: its reproduce configuration has {field} = {was!r} and now {is_!r}; "
+            "use the same options or a new --out (more samples per task, --n, may be added)"
+        )
 
 
 def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cpu", data_dir=None,
-                  n: int | None = None, config: ReproduceConfig | None = None, figures_dir=None,
-                  progress: bool = True, echo=print) -> dict:  # fmt: skip
-    """Run every stage into `out` (skipping finished ones), then write out/report.md.
+                  n: int | None = None, config: ReproduceConfig | str | Path | None = None, figures_dir=None,
+                  progress: bool = True, echo=print, stages=None, max_minutes: float | None = None) -> dict:  # fmt: skip
+    """Run the stages into `out` (skipping finished ones), then write out/report.md and findings.json.
 
-    quick: `quick_config()` (CPU) instead of `full_config()`; config: an explicit configuration
-    (overrides quick); n: samples per task (overrides the configuration's); data_dir: the folder
-    holding the tasks' data (LongProc HTML→TSV, NeedleBench); figures_dir: also export the report and
-    its PNGs there (`kvdiag.study.report.export_report`). echo: where the per-stage progress lines go.
-    Returns {"out", "report", "stages": {name: seconds or "skipped"}, "seconds"}.
+    config: a `ReproduceConfig`, or a name ("quick", "gpu") or YAML file for `load_config`; None means
+    "quick" with quick=True, else "gpu". n: samples per task (overrides the configuration's; a finished
+    run grows by the extra samples). data_dir: the folder holding the tasks' data (LongProc HTML→TSV,
+    NeedleBench). stages: run only these (`select_stages`), the others wait for a later call;
+    max_minutes: start no stage, and no eval cell, after that many minutes (a cell or a spectrum /
+    recall stage that started still finishes). A run that stopped early, or whose stages are not all
+    done, writes no report: the same call continues it. figures_dir: also export the report, its PNGs,
+    findings.json and predictions/ there (`kvdiag.study.report.export_report`). echo: where the
+    per-stage progress lines go.
+    Returns {"out", "report" (None until complete), "stages": {name: seconds or a word}, "seconds",
+    "complete", "remaining"}.
     """
-    from kvdiag.methods import check_budget
     from kvdiag.eval.harness import _context_length
     from kvdiag.eval.store import check_out
+    from kvdiag.methods import check_budget
     from kvdiag.models import resolve_device
-    from kvdiag.runs import write_manifest
+    from kvdiag.runs import git_hash, write_manifest
     from kvdiag.study.report import export_report, write_report
 
     start = time.perf_counter()
-    custom = config is not None
-    config = config or (quick_config() if quick else full_config())
+    if max_minutes is not None and (isinstance(max_minutes, bool) or not isinstance(max_minutes, int | float)
+                                    or not max_minutes > 0):  # fmt: skip
+        raise KvdiagError(f"--max-minutes must be a positive number, got {max_minutes!r}")
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    if config is None:
+        config = CONFIGS["quick" if quick else "gpu"]()
+    elif not isinstance(config, ReproduceConfig):
+        config = load_config(config)
+    quick = config.name == "quick"
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise KvdiagError(f"--n must be an integer ≥ 1, got {n!r}")
@@ -229,13 +198,9 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     _context_length(model)  # an unknown model name fails here, with did-you-mean help
     family = model_family(model)
     html_task = _html2tsv_task(config, data_dir)
-    plans = []
-    for plan in config.tasks:
-        if plan.task == "html2tsv" and html_task == "html2tsv_synthetic":
-            plan = dataclasses.replace(plan, task=html_task)
-        elif plan.task == "html2tsv":
-            plan = dataclasses.replace(plan, knobs={k: v for k, v in plan.knobs.items() if k != "n_items"})
-        plans.append(plan)
+    plans = [_adapt_plan(plan, html_task) for plan in config.tasks]
+    stage_names = ["spectrum", "recall", *(f"eval_{p.task}" for p in plans)]
+    selected = select_stages(stage_names, stages)
     top = {"model": model, "device": device, "family": family, "html2tsv_task": html_task,
            "data_dir": None if data_dir is None else str(data_dir), "quick": quick, **config.to_json()}  # fmt: skip
     top["tasks"] = [dataclasses.asdict(p) for p in plans]
@@ -246,60 +211,81 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
             raise KvdiagError(
                 f"{out} holds a {previous.get('command')!r} run, not a reproduce run; use a new --out"
             )
-        differing = sorted(
-            k for k in set(top) | set(previous["config"]) if top.get(k) != previous["config"].get(k)
-        )
-        if differing:
-            raise KvdiagError(
-                f"cannot resume into {out}: its reproduce configuration differs in {', '.join(differing)}; "
-                "use the same options or a new --out"
-            )
+        _check_same_study(out, previous["config"], top)
     out.mkdir(parents=True, exist_ok=True)
-    stages: dict[str, dict] = dict((previous or {}).get("stages", {}))
+    records: dict[str, dict] = dict((previous or {}).get("stages", {}))
     timings: dict[str, Any] = {}
+    wanted: dict[str, dict] = {}  # stage -> its config in this call
 
-    def record(name: str, stage_config: dict, seconds: float | None) -> None:
-        stages[name] = {"config": stage_config, "status": "complete", "seconds": seconds}
-        write_manifest(out, "reproduce", top, {"stages": stages, "status": "running"})
+    def save(status: str, **extra) -> None:
+        write_manifest(out, "reproduce", top, {"stages": records, "status": status, **extra})
 
-    write_manifest(out, "reproduce", top, {"stages": stages, "status": "running"})
-    stage_names = ["spectrum", "recall", *(f"eval_{p.task}" for p in plans)]
+    save("running")
     total = len(stage_names)
 
     def stage(name: str, stage_config: dict, artefact: str, run) -> None:
         number = stage_names.index(name) + 1
-        if _stage_done(out, name, stage_config, previous, artefact):
+        wanted[name] = stage_config
+        record = records.get(name, {})
+        if (
+            record.get("status") == "complete"
+            and record.get("config") == stage_config
+            and (out / name / artefact).exists()
+        ):
             echo(f"[{number}/{total}] {name}: already in {out / name}, skipped")
             timings[name] = "skipped"
             return
+        if name not in selected:
+            echo(f"[{number}/{total}] {name}: not selected, left for a later run")
+            timings[name] = "not selected"
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            echo(f"[{number}/{total}] {name}: time budget spent, left for the next run")
+            timings[name] = "not started"
+            return
         echo(f"[{number}/{total}] {name}: running ...")
         tic = time.perf_counter()
-        run()
+        finished = run() is not False
         seconds = round(time.perf_counter() - tic, 1)
-        timings[name] = seconds
-        record(name, stage_config, seconds)
-        echo(f"[{number}/{total}] {name}: done in {seconds:.0f} s -> {out / name}")
+        timings[name] = seconds if finished else "partial"
+        earlier = (
+            (record.get("seconds") or 0) if record.get("status") == "partial" else 0
+        )  # earlier jobs' share
+        records[name] = {"config": stage_config, "status": "complete" if finished else "partial",
+                         "seconds": round(seconds + earlier, 1), "git": git_hash()}  # fmt: skip
+        save("running")
+        if finished:
+            echo(f"[{number}/{total}] {name}: done in {seconds:.0f} s -> {out / name}")
+        else:
+            echo(
+                f"[{number}/{total}] {name}: stopped at the time budget after {seconds:.0f} s; run again to continue"
+            )
 
-    text = _analysis_prompt(model, config.analysis_tokens, config.analysis_knobs)
+    @functools.cache
+    def text() -> str:  # built only when spectrum or recall runs
+        return _analysis_prompt(model, config.analysis_tokens, config.analysis_knobs)
+
     analysis = {"model": model, "device": device, "max_tokens": config.analysis_tokens,
                 "prompt": "text2json sample 0 (seed 0)", "knobs": config.analysis_knobs}  # fmt: skip
 
     from kvdiag.analysis.spectrum import run_spectrum
 
     stage("spectrum", analysis, "manifest.json", lambda: run_spectrum(
-        model, out / "spectrum", prompt=text, device=device, max_tokens=config.analysis_tokens))  # fmt: skip
+        model, out / "spectrum", prompt=text(), device=device, max_tokens=config.analysis_tokens))  # fmt: skip
 
     from kvdiag.analysis.recall import run_recall
 
     n_layers = _n_layers(model)
     stride = config.recall_layer_stride
     layers = "all" if stride <= 1 else list(range(stride // 2, n_layers, stride))
-    recall_methods = _unique(study_methods(family, config.analysis_tokens if config.scale_outliers else None))
+    recall_methods = unique_methods(
+        study_methods(family, config.analysis_tokens if config.scale_outliers else None)
+    )
     recall_budgets = sorted({*STUDY_BUDGETS.values(), *config.recall_sweep})
     recall_config = {**analysis, "layers": layers, "queries": config.recall_queries,
                      "methods": [m.label() for m in recall_methods], "budgets": recall_budgets}  # fmt: skip
     stage("recall", recall_config, "recall.parquet", lambda: run_recall(
-        model, out / "recall", methods=recall_methods, budgets=recall_budgets, layers=layers, prompt=text,
+        model, out / "recall", methods=recall_methods, budgets=recall_budgets, layers=layers, prompt=text(),
         n_queries=config.recall_queries, device=device, max_tokens=config.analysis_tokens))  # fmt: skip
 
     from kvdiag.eval.harness import run_eval
@@ -314,39 +300,44 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
             model, plan.task, out / f"eval_{plan.task}", methods=[(s.method, s.budget) for s in studied],
             budgets=[], task_knobs=plan.knobs, n=plan.n, target_tokens=plan.target_tokens,
             max_new_tokens=plan.max_new_tokens, data_dir=data_dir if _reads_data(plan.task) else None,
-            device=device, fidelity=config.fidelity, progress=progress))  # fmt: skip
+            device=device, fidelity=config.fidelity, progress=progress, deadline=deadline)["complete"])  # fmt: skip
 
-    echo("report: writing report.md ...")
-    mode = "custom configuration" if custom else "quick (CPU-sized)" if quick else "full"
+    remaining = [
+        name for name in stage_names
+        if records.get(name, {}).get("status") != "complete" or records[name].get("config") != wanted[name]
+    ]  # fmt: skip
+    if remaining:
+        seconds = round(time.perf_counter() - start, 1)
+        save("partial", seconds_last_run=seconds)
+        echo(f"partial: {len(remaining)} of {total} stages left ({', '.join(remaining)}); run the same command "
+             "again to continue (report.md is written once every stage is done)")  # fmt: skip
+        return {"out": out, "report": None, "stages": timings, "seconds": seconds, "complete": False,
+                "remaining": remaining}  # fmt: skip
+
+    echo("report: writing report.md and findings.json ...")
+    mode = {"quick": "quick (CPU-sized)", "gpu": "gpu (one H200)", "custom": "custom configuration"}.get(
+        config.name, f"configuration {config.name}"
+    )
     info = {"model": model, "family": family, "quick": quick, "mode": mode, "device": device, "html2tsv_task": html_task,
-            "config": top, "roles": roles, "tasks": [p.task for p in plans],
+            "config": top, "roles": roles, "tasks": [p.task for p in plans], "stages": records,
             "recall_roles": roles_of(study_methods(family, config.analysis_tokens if config.scale_outliers else None)),
             "outlier_chunks": {p.task: study_methods(family, p.target_tokens if config.scale_outliers else None)[0]
                                .method.outlier_chunks for p in plans}}  # fmt: skip
     report = write_report(out, info)
     seconds = round(time.perf_counter() - start, 1)
-    write_manifest(
-        out, "reproduce", top, {"stages": stages, "status": "complete", "seconds_last_run": seconds}
-    )
+    save("complete", seconds_last_run=seconds)
     echo(f"report: {report}")
     if figures_dir is not None:
         exported = export_report(out, figures_dir)
-        echo(f"exported report and {len(exported) - 1} figures to {figures_dir}")
-    return {"out": out, "report": report, "stages": timings, "seconds": seconds}
+        echo(f"exported report, findings and {len(exported) - 1} more files to {figures_dir}")
+    return {"out": out, "report": report, "stages": timings, "seconds": seconds, "complete": True,
+            "remaining": []}  # fmt: skip
 
 
 def _reads_data(task: str) -> bool:
     from kvdiag.tasks import TASKS
 
     return "data_dir" in TASKS[task].knobs()
-
-
-def _unique(studied: list[StudyMethod]) -> list:
-    """The distinct methods of the study's configurations (ShadowKV appears at two budgets)."""
-    seen = {}
-    for s in studied:
-        seen.setdefault(s.label, s.method)
-    return list(seen.values())
 
 
 def _n_layers(model: str) -> int:

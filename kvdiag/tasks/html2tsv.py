@@ -102,7 +102,8 @@ class HtmlToTsv(Task):
     """Knobs: subset ("0.5k" or "2k": LongProc's output-length groups), data_dir.
 
     `samples(n=None)` returns every task of the subset in file order; an integer n returns a seeded
-    random subset of n tasks (in file order).
+    random subset of n tasks (in file order), nested: the subset for n holds the one for any smaller n
+    (so an eval run can grow by samples).
     """
 
     name = "html2tsv"
@@ -141,7 +142,9 @@ class HtmlToTsv(Task):
                 raise KvdiagError(
                     f"n must be between 0 and {len(records)} for subset {self.subset}, got {n!r}"
                 )
-            keep = sorted(random.Random(f"html2tsv-{seed}").sample(range(len(records)), n))
+            order = list(range(len(records)))  # a seeded order: n + 1 tasks are n's plus one more
+            random.Random(f"html2tsv-{seed}").shuffle(order)
+            keep = sorted(order[:n])
             records = [records[i] for i in keep]
         root = self._root()
         template = load_user_prompt(root / "prompts.yaml")
