@@ -8,7 +8,7 @@ n_groups = ⌈C / g⌉ groups; each group x keeps s = ‖x‖₂ and the codes o
 
     codes    [B, L_max, n_groups, g // v]  uint8   (P ≤ 256 grid points)
     scales   [B, L_max, n_groups]          fp16 (the quantizer's) or fp32
-    grid     [P, v]                        fp32    e.g. EDEN4-256: v = 4, P = 256 (4 KiB, L1-resident)
+    grid     [P, v]                        fp32    e.g. EDEN4-256: v = 4, P = 256
     dequantized group = H_g(grid[codes].flatten() · s) / g,  H_g the unnormalised Walsh–Hadamard
     matrix (H_g H_g = g·I, symmetric)
 
@@ -16,32 +16,37 @@ Bytes per token at Llama-3.1-8B's 8 KV heads × d 128 with EDEN4-256, g = 128: 8
 codes = 256 B + 8 fp16 scales = 16 B, 272 B in all (bf16 landmarks: 2048 B).
 
 Key identity: q·x̂ = Σ_groups (H_g q_grp)·grid[codes] · s / g, q_grp the query's part in that group
-(zeros elsewhere; H_g symmetric). A PyTorch prologue (`transform_queries`) builds
-`q_t [B, H, GPH, g]` fp32 once per step: GPH = max(1, d / g) groups per head; head h of KV head j
-covers channels [j·d, (j+1)·d), which start in group (j·d) // g at offset (j·d) % g; when d < g
-several heads share a group and q_t is H_g of the query placed at its head's offset. The rule's
-factors (1/g, and scale·log2 e for softmax_max) are folded into q_t. The kernels then read each
-token's codes once, look the grid points up in the tiny grid table ([BLOCK_N, CHUNK] fp32 tile),
-and accumulate s · (grid values · q_t):
+(zeros elsewhere; H_g symmetric). A PyTorch prologue builds, once per step:
+- `transform_queries`: q_t [B, H, GPH, g] fp32 = H_g q_grp (one matmul with the cached H_g);
+  GPH = max(1, d / g) groups per head; head h of KV head j covers channels [j·d, (j+1)·d), which
+  start in group (j·d) // g at offset (j·d) % g; when d < g several heads share a group and q_t is
+  H_g of the query placed at its head's offset. The rule's factors (1/g, and scale·log2 e for
+  softmax_max) are folded in.
+- `lookup_table`: LUT [B, H, T, P] fp32, T = GPH·g/v code columns per head, LUT[c, p] = the c-th
+  v-dim sub-vector of q_t · grid[p] (product-quantization "asymmetric distance" tables; 32 KiB per
+  head at EDEN4-256, d = g = 128).
+A token's score is then Σ_c s_group(c) · LUT[c, code_c]: T lookups (32 at d = 128, v = 4) and adds
+per token and table, no multiply per channel, the codes read as [BLOCK_N, T] uint8 tiles. One
+kernel, `_higgs_lut_scores`, grid (tables, n_splits, B), each program one table (a query head for
+softmax_max, a KV head's mean query for mean_query) over a contiguous split of the row; lookups
+either through `tl.gather` on the table held in the program ("smem") or as gather loads (L1,
+"global"):
+- "softmax_max": tables = the H_q query heads (G programs read each KV head's codes, adjacent in the
+  grid, so mostly from L2); each writes its head's logits (log2 units) to the fp32 workspace with
+  per-split online-softmax statistics; pass 2 is `kvdiag.kernels.softmax_merge` (normalise per query
+  head, max over the group). The workspace adds 2·G·4 B per token and KV head (at G = 4: 32 B
+  against 34 B of codes + scale per KV head).
+- "mean_query": tables = the group-mean queries (averaged before the transform: H_g is linear), one
+  launch, raw dot product, no scale.
 
-- "softmax_max" (pass 1, grid (H_kv, n_splits, B)): the G heads' logits as one `tl.dot` of the
-  gathered tile with q_t's G columns (padded to ≥ 16; `precision` as in `batched_scores`), written
-  to the fp32 workspace with per-split online-softmax statistics; pass 2 is
-  `kvdiag.kernels.softmax_merge` (normalise per query head, max over the group). The codes are read
-  once; the workspace adds 2·G·4 B per token and KV head (at G = 4: 32 B against 34 B of codes +
-  scale per KV head, so the softmax rule moves ~2× the bytes of mean_query).
-- "mean_query" (one launch, grid (H_kv, ⌈L_max / BLOCK_N⌉, B)): the group's mean query (averaged
-  before the transform; H_g is linear), fp32 multiply-adds, no scale.
-
-When d < g the group a KV head reads is shared with g/d - 1 other KV heads, so each group's codes are
-read by g/d programs (adjacent in the launch grid, so mostly from L2). Tokens scored: positions
-[0, n_scored[b]); the rest of the row is -inf.
+Tokens scored: positions [0, n_scored[b]); the rest of the row is -inf.
 
 Reference: `kvdiag.kernels.naive_select.naive_higgs_landmark_scores` (dequantize, then the rule).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -54,13 +59,12 @@ from kvdiag.kernels.select_inputs import (
     check_group,
     check_lengths,
     check_out,
-    check_precision,
     check_same_device,
     check_tensor,
     plan_splits,
     require_kernel_device,
 )
-from kvdiag.kernels.softmax_merge import launch_softmax_merge, online_softmax_update, softmax_workspace
+from kvdiag.kernels.softmax_merge import launch_softmax_merge, softmax_workspace
 
 from kvdiag.errors import KvdiagError
 from kvdiag.quant.hadamard import is_power_of_two, walsh_hadamard
@@ -69,38 +73,24 @@ __all__ = ["higgs_landmark_scores", "transform_queries", "higgs_bytes_per_token"
 
 LOG2E = math.log2(math.e)
 MAX_POINTS = 256  # uint8 codes
-MAX_CHUNK = 128  # channels of a group handled per step (a [BLOCK_N, CHUNK] fp32 tile)
+MAX_TABLE_VALUES = 8192  # a lookup table step of [P_pad, STEP] fp32 values (32 KiB)
+GATHERS = ("smem", "global")
 POISON_WORKSPACE = False  # tests set this to fill pass 1's workspace with NaN before each launch
 
 
 @triton.jit
-def _gather_grid(
-    code_rows, mask_n, grid_ptr, first_code, stride_cc, n_points,
-    BLOCK_N: tl.constexpr, CODES: tl.constexpr, V: tl.constexpr,
-):  # fmt: skip
-    """[BLOCK_N, CODES·V] fp32: grid[codes] of CODES consecutive sub-vectors from `first_code` on,
-    flattened; code_rows [BLOCK_N] points at each token's codes of the group. Codes ≥ P are clamped
-    (no out-of-bounds read; the quantizer never writes them)."""
-    offs_c = first_code + tl.arange(0, CODES)
-    codes = tl.load(code_rows[:, None] + offs_c[None, :] * stride_cc, mask=mask_n[:, None], other=0)
-    codes = tl.minimum(codes.to(tl.int32), n_points - 1)  # [BLOCK_N, CODES]
-    vals = tl.load(grid_ptr + codes[:, :, None] * V + tl.arange(0, V)[None, None, :])  # [BLOCK_N, CODES, V]
-    return tl.reshape(vals, [BLOCK_N, CODES * V])
-
-
-@triton.jit
-def _higgs_softmax_pass1(
-    qt_ptr,  # [B, H_q, GPH, GSIZE] fp32, contiguous, scale·log2(e)/g folded in
+def _higgs_lut_scores(
+    lut_ptr,  # [B, H_t, TOTAL, P_PAD] fp32: per table (query head, or KV head's mean query) and code column
     codes_ptr,  # [B, L_max, n_groups, GSIZE // V] uint8
     scales_ptr,  # [B, L_max, n_groups]
-    grid_ptr,  # [P, V] fp32, contiguous
     lengths_ptr,  # [B] int32
-    logits_ptr,  # [B, H_q, L_max] fp32 workspace, log2 units
-    split_max_ptr,  # [B, H_q, n_splits]
-    split_sum_ptr,  # [B, H_q, n_splits]
+    dst_ptr,  # softmax: logits [B, H_q, L_max] (log2 units); mean: scores [B, H_kv, L_max]
+    split_max_ptr,  # softmax: [B, H_q, n_splits]
+    split_sum_ptr,  # softmax: [B, H_q, n_splits]
     max_len,
     head_dim,
-    n_q_heads,
+    n_tables,  # H_t: tables per batch row (H_q for softmax_max, H_kv for mean_query)
+    tables_per_kv,  # G for softmax_max, 1 for mean_query
     n_splits,
     split_len,
     n_points,
@@ -111,119 +101,92 @@ def _higgs_softmax_pass1(
     stride_sb,
     stride_sl,
     stride_sg,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,  # ≥ 16: the dot's N
-    GPH: tl.constexpr,  # groups per head
+    stride_db,
+    stride_dh,
+    stride_dn,
     GSIZE: tl.constexpr,  # Hadamard group g
-    CHUNK: tl.constexpr,  # channels per step, divides GSIZE
     V: tl.constexpr,  # grid dimension
+    TOTAL: tl.constexpr,  # code columns a head spans: GPH · g / v
+    STEP: tl.constexpr,  # code columns per step (divides TOTAL)
+    P_PAD: tl.constexpr,  # grid points padded to a power of two
     BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SMEM: tl.constexpr,
+    SOFTMAX: tl.constexpr,
 ):
-    kv_head = tl.program_id(0)
+    table = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    kv_head = table // tables_per_kv
     length = tl.minimum(tl.load(lengths_ptr + b), max_len)
-    offs_g = tl.arange(0, GROUP_PAD)
-    mask_g = offs_g < GROUP
-    heads = kv_head * GROUP + offs_g
-    rows = b * n_q_heads + heads  # [GROUP_PAD]
-    offs_k = tl.arange(0, CHUNK)
     first_group = (kv_head * head_dim) // GSIZE
-    ONE_STEP: tl.constexpr = GPH * GSIZE == CHUNK
-    if ONE_STEP:  # the common case (d = g = 128): q_t loaded once per program
-        q_once = tl.load(qt_ptr + rows[None, :] * GSIZE + offs_k[:, None], mask=mask_g[None, :], other=0.0)
-    run_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    run_sum = tl.zeros([GROUP_PAD], tl.float32)
+    CODES_PER_GROUP: tl.constexpr = GSIZE // V
+    ONE_GROUP: tl.constexpr = TOTAL <= CODES_PER_GROUP  # the head lies in one group: one scale per token
+    table_base = lut_ptr + (b * n_tables + table) * (TOTAL * P_PAD)
+    offs_j = tl.arange(0, STEP)
+    offs_p = tl.arange(0, P_PAD)
+    if SMEM and STEP == TOTAL:  # the head's whole table [P_PAD, TOTAL] stays in the program
+        table_once = tl.load(table_base + offs_j[None, :] * P_PAD + offs_p[:, None])
     start = split * split_len
-    end = tl.minimum(start + split_len, length)
-    for n0 in range(start, end, BLOCK_N):
+    if SOFTMAX:
+        stop = tl.minimum(start + split_len, length)
+        run_max = tl.full([], float("-inf"), tl.float32)
+        run_sum = tl.zeros([], tl.float32)
+    else:
+        stop = tl.minimum(start + split_len, max_len)  # mean_query also writes the -inf padding
+    for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        x = tl.zeros([BLOCK_N, GROUP_PAD], tl.float32)
-        for i in range(GPH):
-            group = first_group + i
-            s = tl.load(
-                scales_ptr + b * stride_sb + offs_n * stride_sl + group * stride_sg, mask=mask_n, other=0.0
-            )
-            code_rows = codes_ptr + b * stride_cb + offs_n.to(tl.int64) * stride_cl + group * stride_cg
-            for c0 in tl.static_range(0, GSIZE, CHUNK):
-                vals = _gather_grid(
-                    code_rows, mask_n, grid_ptr, c0 // V, stride_cc, n_points, BLOCK_N, CHUNK // V, V
+        mask_n = offs_n < length
+        x = tl.zeros([BLOCK_N], tl.float32)
+        if n0 < length:
+            token_codes = codes_ptr + b * stride_cb + offs_n.to(tl.int64)[:, None] * stride_cl
+            token_scales = scales_ptr + b * stride_sb + offs_n.to(tl.int64) * stride_sl
+            for j0 in tl.static_range(0, TOTAL, STEP):
+                cols = j0 + offs_j
+                groups = first_group + cols // CODES_PER_GROUP
+                codes = tl.load(
+                    token_codes + groups[None, :] * stride_cg + (cols % CODES_PER_GROUP)[None, :] * stride_cc,
+                    mask=mask_n[:, None],
+                    other=0,
                 )
-                if ONE_STEP:
-                    q_chunk = q_once
+                codes = tl.minimum(codes.to(tl.int32), n_points - 1)  # [BLOCK_N, STEP]; ≥ P never stored
+                if SMEM:
+                    if STEP == TOTAL:
+                        looked_up = tl.gather(table_once, codes, 0)
+                    else:
+                        looked_up = tl.gather(
+                            tl.load(table_base + cols[None, :] * P_PAD + offs_p[:, None]), codes, 0
+                        )
                 else:
-                    q_chunk = tl.load(
-                        qt_ptr + (rows[None, :] * GPH + i) * GSIZE + c0 + offs_k[:, None],
-                        mask=mask_g[None, :],
-                        other=0.0,
-                    )  # [CHUNK, GROUP_PAD]
-                x += s.to(tl.float32)[:, None] * tl.dot(vals, q_chunk, input_precision=PRECISION)
-        x = tl.where(mask_n[:, None], x, float("-inf"))
-        tl.store(
-            logits_ptr + rows[None, :] * max_len + offs_n[:, None], x, mask=mask_n[:, None] & mask_g[None, :]
-        )
-        run_max, run_sum = online_softmax_update(x, run_max, run_sum)
-    tl.store(split_max_ptr + rows * n_splits + split, run_max, mask=mask_g)
-    tl.store(split_sum_ptr + rows * n_splits + split, run_sum, mask=mask_g)
-
-
-@triton.jit
-def _higgs_mean_query(
-    qt_ptr,  # [B, H_kv, GPH, GSIZE] fp32: transformed group-mean queries, 1/g folded in
-    codes_ptr,
-    scales_ptr,
-    grid_ptr,
-    lengths_ptr,
-    out_ptr,  # [B, H_kv, L_max] fp32
-    max_len,
-    head_dim,
-    n_kv_heads,
-    n_points,
-    stride_cb,
-    stride_cl,
-    stride_cg,
-    stride_cc,
-    stride_sb,
-    stride_sl,
-    stride_sg,
-    stride_ob,
-    stride_oh,
-    stride_on,
-    GPH: tl.constexpr,
-    GSIZE: tl.constexpr,
-    CHUNK: tl.constexpr,
-    V: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    kv_head = tl.program_id(0)
-    block = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    length = tl.minimum(tl.load(lengths_ptr + b), max_len)
-    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < length
-    offs_k = tl.arange(0, CHUNK)
-    first_group = (kv_head * head_dim) // GSIZE
-    row = b * n_kv_heads + kv_head
-    x = tl.zeros([BLOCK_N], tl.float32)
-    if block * BLOCK_N < length:
-        for i in range(GPH):
-            group = first_group + i
-            s = tl.load(
-                scales_ptr + b * stride_sb + offs_n * stride_sl + group * stride_sg, mask=mask_n, other=0.0
+                    looked_up = tl.load(table_base + cols[None, :] * P_PAD + codes)
+                if ONE_GROUP:
+                    s = tl.load(token_scales + first_group * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+                    x += s * tl.sum(looked_up, axis=1)
+                else:
+                    s = tl.load(
+                        token_scales[:, None] + groups[None, :] * stride_sg, mask=mask_n[:, None], other=0.0
+                    )
+                    x += tl.sum(looked_up * s.to(tl.float32), axis=1)
+        x = tl.where(mask_n, x, float("-inf"))
+        if SOFTMAX:
+            tl.store(dst_ptr + b * stride_db + table * stride_dh + offs_n * stride_dn, x, mask=mask_n)
+            new_max = tl.maximum(run_max, tl.max(x, axis=0))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            run_sum = run_sum * tl.exp2(run_max - safe_max) + tl.sum(tl.exp2(x - safe_max), axis=0)
+            run_max = new_max
+        else:
+            tl.store(
+                dst_ptr + b * stride_db + kv_head * stride_dh + offs_n * stride_dn, x, mask=offs_n < max_len
             )
-            code_rows = codes_ptr + b * stride_cb + offs_n.to(tl.int64) * stride_cl + group * stride_cg
-            for c0 in tl.static_range(0, GSIZE, CHUNK):
-                vals = _gather_grid(
-                    code_rows, mask_n, grid_ptr, c0 // V, stride_cc, n_points, BLOCK_N, CHUNK // V, V
-                )
-                q_chunk = tl.load(qt_ptr + (row * GPH + i) * GSIZE + c0 + offs_k)  # [CHUNK]
-                x += s.to(tl.float32) * tl.sum(vals * q_chunk[None, :], axis=1)
-    scores = tl.where(mask_n, x, float("-inf"))
-    tl.store(
-        out_ptr + b * stride_ob + kv_head * stride_oh + offs_n * stride_on, scores, mask=offs_n < max_len
-    )
+    if SOFTMAX:
+        stat = (b * n_tables + table) * n_splits + split
+        tl.store(split_max_ptr + stat, run_max)
+        tl.store(split_sum_ptr + stat, run_sum)
+
+
+@functools.lru_cache(maxsize=16)
+def hadamard_matrix(group_size: int, device: torch.device) -> torch.Tensor:
+    """H_g [g, g] fp32 on `device` (symmetric, H_g H_g = g·I), cached: one matmul applies it."""
+    return walsh_hadamard(torch.eye(group_size, device=device))
 
 
 def transform_queries(q: torch.Tensor, n_kv_heads: int, group_size: int, factor: float) -> torch.Tensor:
@@ -233,14 +196,28 @@ def transform_queries(q: torch.Tensor, n_kv_heads: int, group_size: int, factor:
     i-th group that KV head spans (see the module docstring); GPH = max(1, d // g).
     """
     batch, n_heads, head_dim = q.shape
-    q = q.float() * factor
+    hadamard = hadamard_matrix(group_size, q.device)
+    q = q.float()
     if head_dim >= group_size:
-        return walsh_hadamard(q.reshape(batch, n_heads, head_dim // group_size, group_size))
-    slots = group_size // head_dim
-    kv_of_head = torch.arange(n_heads, device=q.device) // (n_heads // n_kv_heads)
-    slot = (kv_of_head * head_dim % group_size) // head_dim  # which d-wide slot of its group
-    placed = F.one_hot(slot, slots).to(q.dtype)[None, :, :, None] * q[:, :, None, :]  # [B, H, slots, d]
-    return walsh_hadamard(placed.reshape(batch, n_heads, 1, group_size))
+        grouped = q.reshape(batch, n_heads, head_dim // group_size, group_size)
+    else:
+        slots = group_size // head_dim
+        kv_of_head = torch.arange(n_heads, device=q.device) // (n_heads // n_kv_heads)
+        slot = (kv_of_head * head_dim % group_size) // head_dim  # which d-wide slot of its group
+        placed = F.one_hot(slot, slots).to(q.dtype)[None, :, :, None] * q[:, :, None, :]  # [B, H, slots, d]
+        grouped = placed.reshape(batch, n_heads, 1, group_size)
+    return (grouped @ hadamard) * factor  # H_g symmetric: (H_g x)ᵀ = xᵀ H_g
+
+
+def lookup_table(q_t: torch.Tensor, grid: torch.Tensor, padded_points: int) -> torch.Tensor:
+    """q_t [B, H, GPH, g] -> [B, H, GPH·g / v, P_pad] fp32: the dot of every v-dim sub-vector of q_t
+    with every grid point (points beyond P are 0), so a token's score is a sum of GPH·g/v lookups
+    (each times its group's scale)."""
+    batch, n_heads, gph, group_size = q_t.shape
+    n_points, grid_dim = grid.shape
+    grid = F.pad(grid, (0, 0, 0, padded_points - n_points)) if padded_points > n_points else grid
+    sub = q_t.reshape(batch, n_heads, gph * group_size // grid_dim, grid_dim)
+    return (sub @ grid.T).contiguous()  # [B, H, GPH·g/v, P_pad]
 
 
 def higgs_bytes_per_token(
@@ -297,9 +274,10 @@ def higgs_landmark_scores(
     scale: float | None = None,
     *,
     out: torch.Tensor | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,
-    precision: str = "tf32x3",
+    block_n: int = 256,
+    num_warps: int | None = None,
+    gather: str = "global",
+    programs_per_sm: int = 4,
     tiles_per_split: int | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
@@ -307,43 +285,54 @@ def higgs_landmark_scores(
 
     q [B, H_q, d] post-RoPE (H_q a multiple of n_kv_heads); codes / scales / grid as the module
     docstring; n_scored [B] int32 tokens scored per row. `rule` and `scale` as
-    `kvdiag.kernels.naive`. Launch knobs as `batched_landmark_scores`; `validate=False` skips the
-    host-side check of n_scored's values (for CUDA graph capture).
+    `kvdiag.kernels.naive`. Launch knobs: `block_n` (tokens per tile), `num_warps` (default 8 for
+    mean_query, 4 for softmax_max), `gather` ("global": gather loads through L1, the faster on the
+    H200; "smem": `tl.gather` on the table held in the program), `programs_per_sm` (splits sized for
+    this many programs per SM; 1 keeps one table per SM's L1), `tiles_per_split` (overrides that).
+    Defaults: the best or within 5 % of the best of the H200 sweep (kvdiag/bench/select_kernels.py).
+    `validate=False` skips the host-side check of n_scored's values (for CUDA graph capture).
     """
     batch, n_q_heads, group, head_dim, group_size, device = _check_inputs(
         q, codes, scales, grid, n_scored, n_kv_heads, validate
     )
     scale = check_rule(rule, scale, head_dim)
     require_kernel_device(q, "HIGGS landmark-scoring")
-    block_n = check_block("block_n", block_n, 16, 256)
-    precision = check_precision(precision)
+    block_n = check_block("block_n", block_n, 16, 512)
+    num_warps = (8 if rule == "mean_query" else 4) if num_warps is None else num_warps
+    if gather not in GATHERS:
+        raise KvdiagError(f"gather must be one of {', '.join(map(repr, GATHERS))}; got {gather!r}")
     max_len = codes.shape[1]
     out = check_out(out, (batch, n_kv_heads, max_len), device)
     if not batch or not max_len:
         return out
     grid = grid.float().contiguous()
-    grid_dim = grid.shape[1]
-    chunk = min(group_size, MAX_CHUNK)
-    gph = max(1, head_dim // group_size)
-    common = dict(GPH=gph, GSIZE=group_size, CHUNK=chunk, V=grid_dim, BLOCK_N=block_n, num_warps=num_warps)
-    n_tiles = triton.cdiv(max_len, block_n)
-    if rule == "mean_query":
+    n_points, grid_dim = grid.shape
+    p_pad = max(16, triton.next_power_of_2(n_points))
+    total = max(1, head_dim // group_size) * group_size // grid_dim  # code columns per head
+    step = min(total, max(16, MAX_TABLE_VALUES // p_pad))
+    softmax = rule == "softmax_max"
+    if softmax:
+        q_t = transform_queries(q, n_kv_heads, group_size, scale * LOG2E / group_size)  # [B, H_q, GPH, g]
+    else:
         q_mean = q.float().reshape(batch, n_kv_heads, group, head_dim).mean(dim=2)
-        q_t = transform_queries(q_mean, n_kv_heads, group_size, 1.0 / group_size).contiguous()
-        _higgs_mean_query[(n_kv_heads, n_tiles, batch)](
-            q_t, codes, scales, grid, n_scored, out, max_len, head_dim, n_kv_heads, grid.shape[0],
-            *codes.stride(), *scales.stride(), *out.stride(), **common,
-        )  # fmt: skip
-        return out
-    q_t = transform_queries(q, n_kv_heads, group_size, scale * LOG2E / group_size).contiguous()
-    tiles, n_splits = plan_splits(n_tiles, batch * n_kv_heads, device, tiles_per_split)
-    logits, split_max, split_sum = softmax_workspace(
-        batch, n_q_heads, max_len, n_splits, device, POISON_WORKSPACE
+        q_t = transform_queries(q_mean, n_kv_heads, group_size, 1.0 / group_size)  # [B, H_kv, GPH, g]
+    lut = lookup_table(q_t, grid, p_pad)
+    n_tables = lut.shape[1]
+    tiles, n_splits = plan_splits(
+        triton.cdiv(max_len, block_n), batch * n_tables, device, tiles_per_split, programs_per_sm
     )
-    _higgs_softmax_pass1[(n_kv_heads, n_splits, batch)](
-        q_t, codes, scales, grid, n_scored, logits, split_max, split_sum, max_len, head_dim, n_q_heads,
-        n_splits, tiles * block_n, grid.shape[0], *codes.stride(), *scales.stride(),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), PRECISION=precision, **common,
+    if softmax:
+        dst, split_max, split_sum = softmax_workspace(
+            batch, n_q_heads, max_len, n_splits, device, POISON_WORKSPACE
+        )
+    else:
+        dst, split_max, split_sum = out, out, out  # no statistics for mean_query
+    _higgs_lut_scores[(n_tables, n_splits, batch)](
+        lut, codes, scales, n_scored, dst, split_max, split_sum, max_len, head_dim, n_tables,
+        group if softmax else 1, n_splits, tiles * block_n, n_points, *codes.stride(), *scales.stride(),
+        *dst.stride(), GSIZE=group_size, V=grid_dim, TOTAL=total, STEP=step, P_PAD=p_pad, BLOCK_N=block_n,
+        SMEM=gather == "smem", SOFTMAX=softmax, num_warps=num_warps,
     )  # fmt: skip
-    launch_softmax_merge(logits, split_max, split_sum, n_scored, out, group)
+    if softmax:
+        launch_softmax_merge(dst, split_max, split_sum, n_scored, out, group)
     return out

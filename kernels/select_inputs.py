@@ -115,23 +115,31 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def target_programs(device: torch.device) -> int:
-    """How many programs a split kernel should launch to fill the device (a few per SM)."""
+def target_programs(device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """How many programs a split kernel should launch to fill the device."""
     if device.type != "cuda":
         return INTERPRETER_PROGRAMS
-    return PROGRAMS_PER_SM * _sm_count(
-        device.index if device.index is not None else torch.cuda.current_device()
-    )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return programs_per_sm * _sm_count(index)
 
 
-def plan_splits(n_tiles: int, parallel: int, device, tiles_per_split: int | None = None) -> tuple[int, int]:
-    """(tiles_per_split, n_splits) so that `parallel` × n_splits programs about fill the device.
+def plan_splits(
+    n_tiles: int,
+    parallel: int,
+    device,
+    tiles_per_split: int | None = None,
+    programs_per_sm: int = PROGRAMS_PER_SM,
+) -> tuple[int, int]:
+    """(tiles_per_split, n_splits) so that `parallel` × n_splits programs about fill the device
+    (`programs_per_sm` per multiprocessor).
 
     Each split is a contiguous run of tiles one program loops over; fewer splits means fewer partial
     statistics to merge later. `tiles_per_split` overrides the plan (tests use it to force loops).
     """
     if tiles_per_split is None:
-        wanted = max(1, -(-target_programs(device) // max(parallel, 1)))
+        if isinstance(programs_per_sm, bool) or not isinstance(programs_per_sm, int) or programs_per_sm < 1:
+            raise KvdiagError(f"programs_per_sm must be a positive integer, got {programs_per_sm!r}")
+        wanted = max(1, -(-target_programs(device, programs_per_sm) // max(parallel, 1)))
         tiles_per_split = max(1, -(-n_tiles // wanted))
     elif isinstance(tiles_per_split, bool) or not isinstance(tiles_per_split, int) or tiles_per_split < 1:
         raise KvdiagError(f"tiles_per_split must be a positive integer, got {tiles_per_split!r}")

@@ -76,7 +76,8 @@ def _radix_pass(
     k_ptr,  # [B] int32
     valid_ptr,  # [B] int32
     state_ptr,  # [rows, STATE_FIELDS] int32
-    counter_ptr,  # [rows] int32, zeroed before the first pass (one per pass)
+    counter_ptr,  # [rows] int32, zeroed (one per pass)
+    row_hist_ptr,  # [rows, 2^BITS] int32, zeroed (one per pass)
     chunk_hist_ptr,  # [rows, n_chunks, 2^BITS] int32
     chunk_above_ptr,  # [rows, n_chunks] int32
     chunk_gt_ptr,  # [rows, n_chunks] int32: exclusive offsets of keys > T
@@ -133,19 +134,11 @@ def _radix_pass(
     slot = row * n_chunks + chunk
     tl.store(chunk_hist_ptr + slot * NB + bins, hist)
     tl.store(chunk_above_ptr + slot, above)
-    ticket = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel")
+    tl.atomic_add(row_hist_ptr + row * NB + bins, hist, mask=hist != 0, sem="relaxed")
+    ticket = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel")  # releases the stores above
     if ticket == n_chunks - 1:  # every chunk of the row is in: pick the digit
         offs_c = tl.arange(0, CHUNK_BLOCK)
-        total = tl.zeros([NB], tl.int32)
-        for c0 in range(0, n_chunks, CHUNK_BLOCK):
-            cmask = (c0 + offs_c) < n_chunks
-            ch = tl.load(
-                chunk_hist_ptr + (row * n_chunks + c0 + offs_c)[:, None] * NB + bins[None, :],
-                mask=cmask[:, None],
-                other=0,
-                cache_modifier=".cg",
-            )
-            total += tl.sum(ch, axis=0)
+        total = tl.load(row_hist_ptr + row * NB + bins, cache_modifier=".cg")
         if FIRST:
             k_rem = tl.minimum(tl.minimum(tl.load(k_ptr + b), k_max), tl.sum(total, axis=0))
             tl.store(state + 2, k_rem)  # k_eff: ids this row returns
@@ -276,7 +269,7 @@ def topk_ids(
     k_max: int | None = None,
     out: torch.Tensor | None = None,
     radix_bits: int = 8,
-    block_n: int = 1024,
+    block_n: int = 2048,
     num_warps: int = 4,
     tiles_per_chunk: int | None = None,
     validate: bool = True,
@@ -309,13 +302,16 @@ def topk_ids(
     chunk_len = tiles * block_n
     passes = radix_passes(radix_bits)
     device = scores.device
-    counters = torch.zeros(len(passes), rows, dtype=torch.int32, device=device)
+    max_bins = 1 << max(bits for _, bits in passes)
+    zeroed = torch.zeros(len(passes) * rows * (1 + max_bins), dtype=torch.int32, device=device)  # one memset
+    counters = zeroed[: len(passes) * rows].view(len(passes), rows)
+    row_hists = zeroed[len(passes) * rows :].view(len(passes), rows * max_bins)
     state = torch.empty(rows, STATE_FIELDS, dtype=torch.int32, device=device)
-    chunk_hist = torch.empty(rows * n_chunks << max(b for _, b in passes), dtype=torch.int32, device=device)
+    chunk_hist = torch.empty(rows * n_chunks * max_bins, dtype=torch.int32, device=device)
     chunk_counts = torch.empty(3, rows, n_chunks, dtype=torch.int32, device=device)  # above, gt, eq
     for index, (shift, bits) in enumerate(passes):
         _radix_pass[(n_chunks, rows)](
-            scores, k, valid, state, counters[index], chunk_hist, chunk_counts[0], chunk_counts[1],
+            scores, k, valid, state, counters[index], row_hists[index], chunk_hist, chunk_counts[0], chunk_counts[1],
             chunk_counts[2], n_heads, max_len, chunk_len, n_chunks, k_max, *scores.stride(),
             FIRST=index == 0, FINAL=index == len(passes) - 1, SHIFT=shift, BITS=bits, BLOCK=block_n,
             CHUNK_BLOCK=max(1, CHUNK_BLOCK_VALUES >> bits), num_warps=num_warps,
