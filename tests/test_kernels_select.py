@@ -372,9 +372,13 @@ def test_topk_on_kernel_scores(seed):
 # --- bad input ----------------------------------------------------------------------------------------------
 
 
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, device=DEVICE)
+
+
 def test_bad_inputs_raise_clear_errors():
     codes, scales, grid, _ = quantized_keys(0, 1, 10, 2, 64)
-    q = torch.randn(1, 8, 64, device=DEVICE)
+    q = randn(1, 8, 64)
     n = lengths(10)
     cases = [
         (lambda: higgs_landmark_scores(q, codes, scales, grid, n, 3), "do not split evenly"),
@@ -398,27 +402,25 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: higgs_landmark_scores(q[:, :, :48], codes, scales, grid, n, 2), "power of two"),
         (lambda: higgs_landmark_scores(q, codes, scales, grid[:, :3], n, 2), "Hadamard group"),
         (
-            lambda: higgs_landmark_scores(q, codes, scales, grid, n, 2, out=torch.empty(1, 2, 9)),
+            lambda: higgs_landmark_scores(q, codes, scales, grid, n, 2, out=randn(1, 2, 9)),
             "out must be",
         ),
-        (lambda: batched_landmark_scores(q, torch.randn(1, 2, 10, 32), n), "head dims differ"),
-        (lambda: batched_landmark_scores(q, torch.randn(2, 2, 10, 64), n), "batch"),
-        (lambda: batched_landmark_scores(q, torch.randn(1, 2, 10, 64), n, precision="fp64"), "precision"),
+        (lambda: batched_landmark_scores(q, randn(1, 2, 10, 32), n), "head dims differ"),
+        (lambda: batched_landmark_scores(q, randn(2, 2, 10, 64), n), "batch"),
+        (lambda: batched_landmark_scores(q, randn(1, 2, 10, 64), n, precision="fp64"), "precision"),
         (
-            lambda: page_bound_scores(q, torch.randn(1, 2, 5, 64), torch.randn(1, 2, 4, 64), lengths(4)),
+            lambda: page_bound_scores(q, randn(1, 2, 5, 64), randn(1, 2, 4, 64), lengths(4)),
             "differ",
         ),
         (
-            lambda: page_bound_scores(
-                q, torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 64), lengths(5), "max"
-            ),
+            lambda: page_bound_scores(q, randn(1, 2, 5, 64), randn(1, 2, 5, 64), lengths(5), "max"),
             "reduce",
         ),
-        (lambda: topk_ids(torch.randn(1, 2, 10).double(), n, n), "scores must have dtype float32"),
-        (lambda: topk_ids(torch.randn(1, 2, 10), lengths(11), n), r"k\[0\]=11 must lie in 0..valid\[0\]=10"),
-        (lambda: topk_ids(torch.randn(1, 2, 10), lengths(3), n, radix_bits=16), "radix_bits"),
-        (lambda: topk_ids(torch.randn(1, 2, 10), lengths(3), n, k_max=2), "k_max=2 is below"),
-        (lambda: topk_blocks(torch.randn(1, 2, 10), lengths(3), n, 0, n), "tokens per block"),
+        (lambda: topk_ids(randn(1, 2, 10).double(), n, n), "scores must have dtype float32"),
+        (lambda: topk_ids(randn(1, 2, 10), lengths(11), n), r"k\[0\]=11 must lie in 0..valid\[0\]=10"),
+        (lambda: topk_ids(randn(1, 2, 10), lengths(3), n, radix_bits=16), "radix_bits"),
+        (lambda: topk_ids(randn(1, 2, 10), lengths(3), n, k_max=2), "k_max=2 is below"),
+        (lambda: topk_blocks(randn(1, 2, 10), lengths(3), n, 0, n), "tokens per block"),
     ]
     for call, message in cases:
         with pytest.raises(KvdiagError, match=message):

@@ -110,13 +110,16 @@ class Recorder:
         self.eager_time = make_timer(device, graphs=False)
         self.device = device
 
-    def add(self, base: dict, fn, *, check=None, eager=True) -> dict:
+    def add(self, base: dict, fn, *, check=None, graph=True) -> dict:
+        """Time `fn` as a CUDA-graph replay and eagerly (`graph=False`: eagerly only, for the
+        references, whose host syncs cannot be captured)."""
         row = dict(base)
         try:
             if check is not None:
                 row["rel_err_vs_reference"] = check(fn())
-            row["time_us"], row["time_us_p20"], row["time_us_p80"] = self.graph_time(fn)
-            if eager and self.device == "cuda":
+            timer = self.graph_time if graph else self.eager_time
+            row["time_us"], row["time_us_p20"], row["time_us_p80"] = timer(fn)
+            if graph and self.device == "cuda":
                 row["eager_us"] = self.eager_time(fn)[0]
         except Exception as err:  # noqa: BLE001 - a failing config must not lose the rest of the run
             row["error"] = f"{type(err).__name__}: {err}"[:300]
@@ -186,7 +189,7 @@ def bench_case(rec: Recorder, length: int, batch: int, configs: dict, device: st
         reference = rec.add(
             dict(base, impl="torch_reference"),
             lambda r=rule: naive_higgs_landmark_scores(q, codes, scales, grid, n_rows, H_KV, r),
-            eager=False,
+            graph=False,
         )
         rows = []
         for config in configs["higgs_scores"]:
@@ -210,7 +213,7 @@ def bench_case(rec: Recorder, length: int, batch: int, configs: dict, device: st
         reference = rec.add(
             dict(base, impl="torch_reference"),
             lambda r=rule: naive_batched_landmark_scores(q, landmarks, n_lm, r),
-            eager=False,
+            graph=False,
         )
         rows = []
         for config in configs["batched_scores"]:
@@ -235,7 +238,7 @@ def bench_case(rec: Recorder, length: int, batch: int, configs: dict, device: st
         reference = rec.add(
             dict(base, impl="torch_reference"),
             lambda r=reduce: naive_page_bound_scores(q, box_max, box_min, n_pg, r),
-            eager=False,
+            graph=False,
         )
         rows = []
         for config in configs["page_scores"]:
@@ -253,7 +256,7 @@ def bench_case(rec: Recorder, length: int, batch: int, configs: dict, device: st
     k_rows = torch.full((batch,), k, dtype=torch.int32, device=device)
     expected = mean_scores.topk(k, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
     base = dict(case, kernel="topk_ids", rule=f"k={k}", k=k, bytes_read=mean_scores.numel() * 4)
-    reference = rec.add(dict(base, impl="torch.topk"), lambda: mean_scores.topk(k, dim=-1), eager=False)
+    reference = rec.add(dict(base, impl="torch.topk"), lambda: mean_scores.topk(k, dim=-1), graph=False)
     rows = []
     for config in configs["topk_ids"]:
         fn = lambda c=config: topk_ids(mean_scores, k_rows, n_rows, k_max=k, validate=False, **c)  # noqa: E731
