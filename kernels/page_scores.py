@@ -119,7 +119,7 @@ def page_bound_scores(
     reduce: str = "none",
     *,
     out: torch.Tensor | None = None,
-    block_n: int = 64,
+    block_n: int = 32,
     num_warps: int = 4,
     validate: bool = True,
 ) -> torch.Tensor:

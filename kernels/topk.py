@@ -32,6 +32,9 @@ after the scoring kernel wrote them), plus n_chunks · 2^bits · 4 B of chunk hi
 compaction reads the scores once more and writes 4·k B. Launch count, not bytes, dominates at these
 sizes: capture the call in a CUDA graph (`validate=False`, `k_max` given: no host syncs).
 
+Measured on the H200 (B = 1, 8 KV heads, L = 128K, k = 4096, CUDA graph): 53.5 µs against
+torch.topk's 129 µs; at B = 8 (64 rows) 224 µs against 186 µs: the 256-bin `tl.histogram` dominates.
+
 `topk_blocks` is the same on block scores (ShadowKV chunks of 8, Quest / ArkVale pages of 16) with
 `expand_block_ids` turning ascending block ids into ascending token ids (a small torch op).
 """
