@@ -31,6 +31,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from kvdiag.kernels.landmark_scores import default_block_n
 from kvdiag.kernels.naive import check_rule
 from kvdiag.kernels.select_inputs import (
     check_block,
@@ -47,7 +48,7 @@ from kvdiag.kernels.softmax_merge import launch_softmax_merge, online_softmax_up
 
 from kvdiag.errors import KvdiagError
 
-__all__ = ["batched_landmark_scores", "default_block_n"]
+__all__ = ["batched_landmark_scores"]
 
 LOG2E = math.log2(math.e)
 POISON_WORKSPACE = False  # tests set this to fill pass 1's workspace with NaN before each launch
@@ -170,11 +171,6 @@ def _mean_query_scores(
     tl.store(
         out_ptr + b * stride_ob + kv_head * stride_oh + offs_n * stride_on, scores, mask=offs_n < max_len
     )
-
-
-def default_block_n(head_dim: int) -> int:
-    """Landmarks per tile: a [BLOCK_N, BLOCK_D] fp32 tile of 8192 values (64 rows at d = 128)."""
-    return max(16, min(256, 8192 // triton.next_power_of_2(head_dim)))
 
 
 def _check_inputs(q, landmarks, n_landmarks, validate):
