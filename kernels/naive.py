@@ -34,8 +34,7 @@ def check_landmark_inputs(
 
     Raises KvdiagError naming the bad value and what would be valid.
     """
-    if rule not in RULES:
-        raise KvdiagError(f"unknown landmark scoring rule {rule!r}; use one of {', '.join(RULES)}")
+    check_rule(rule, scale, 1)  # rule first: its error is the most useful one
     for name, t, ndim, shape in (("q", q, 2, "[H_q, d]"), ("landmarks", landmarks, 3, "[H_kv, N, d]")):
         if not isinstance(t, torch.Tensor):
             raise KvdiagError(f"{name} must be a torch.Tensor {shape}, got {type(t).__name__}")
@@ -56,14 +55,22 @@ def check_landmark_inputs(
         )
     if q.device != landmarks.device:
         raise KvdiagError(f"q is on {q.device} but landmarks are on {landmarks.device}")
+    return n_kv_heads, n_q_heads // n_kv_heads, n_landmarks, d, check_rule(rule, scale, d)
+
+
+def check_rule(rule: str, scale: float | None, head_dim: int) -> float | None:
+    """The rule's scale: 1/√d by default for "softmax_max"; None (raw dot) for "mean_query"."""
+    if rule not in RULES:
+        raise KvdiagError(f"unknown landmark scoring rule {rule!r}; use one of {', '.join(RULES)}")
     if rule == "mean_query":
         if scale is not None:
             raise KvdiagError("rule 'mean_query' ranks by the raw dot product: pass scale=None")
-    elif scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif not math.isfinite(float(scale)):
+        return None
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(float(scale)):
         raise KvdiagError(f"scale must be a finite number, got {scale!r}")
-    return n_kv_heads, n_q_heads // n_kv_heads, n_landmarks, d, scale
+    return float(scale)
 
 
 def _by_kv_head(q: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
