@@ -45,6 +45,7 @@ Under TRITON_INTERPRET=1 the kernels run on CPU tensors (the tests); otherwise t
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -295,17 +296,19 @@ def default_num_warps(head_dim: int, key_mode: str) -> int:
     return 4
 
 
+@functools.cache
+def _sm_count() -> int:
+    return (
+        torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else H200_SMS
+    )
+
+
 def default_n_splits(
     batch: int, n_kv_heads: int, n_tokens: int, block_n: int, n_sms: int | None = None
 ) -> int:
     """Splits per (batch element, KV head): enough programs for two per SM (n_sms; the current GPU's
     count, else the H200's 132), at least 2 blocks of `block_n` per split, at most 64."""
-    if n_sms is None:
-        n_sms = (
-            torch.cuda.get_device_properties(0).multi_processor_count
-            if torch.cuda.is_available()
-            else H200_SMS
-        )
+    n_sms = _sm_count() if n_sms is None else n_sms
     wanted = triton.cdiv(2 * n_sms, max(1, batch * n_kv_heads))
     useful = triton.cdiv(max(1, triton.cdiv(n_tokens, block_n)), 2)
     return max(1, min(wanted, useful, MAX_SPLITS))
