@@ -23,8 +23,8 @@ online-softmax update of the running max m, sum l and acc [G_pad, d] (acc += p·
 acc / l and lse = m + log2 l per query head and split to an fp32 workspace ([B, H_q, S, d] and
 [B, H_q, S]). Kernel 2, grid (B·H_q): merges the S partials, out = Σ 2^(lse_s − M) o_s / Σ 2^(lse_s − M)
 (splits without tokens carry lse = −∞ and weigh 0). With S = 1 kernel 1 writes the output directly.
-S is a launch parameter: `default_n_splits` aims at two programs per SM (132 on the H200) while
-keeping ≥ 2 blocks per split.
+S is a launch parameter: `default_n_splits` aims at about two programs per SM (132 on the H200; one
+with 128-token blocks), at most one split per block; see the launch notes by `default_block_n`.
 
 Precision. With fp32 q both dots are IEEE fp32 (no TF32), so the kernel matches the fp32 reference to
 round-off. With bf16 / fp16 q the dot operands are rounded to q's dtype (keys, the softmax weights p,
@@ -286,14 +286,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_block_n(head_dim: int, key_mode: str) -> int:
-    """Tokens per block: 64 (32 for rebuilt keys, whose fp32 key, cos and sin tiles need registers,
-    and for d = 256)."""
+# Launch defaults, from the H200 sweep of `kvdiag.bench.attend_kernels` (Llama-3.1-8B shape, CUDA-graph
+# timing, 2026-12-01): with B·H_kv ≥ 32 (KV) heads, 128-token blocks and 8 warps at about
+# one program per SM were best (2 splits at B = 8, for YAKV and ShadowKV alike); with fewer heads,
+# 64-token blocks (32 for rebuilt keys, whose fp32 key and RoPE tiles need registers) and 4 warps at
+# about two programs per SM (33 splits at B = 1, 128K).
+MANY_HEADS = 32
+
+
+def default_block_n(batch: int, n_kv_heads: int, head_dim: int, key_mode: str) -> int:
+    """Tokens per block (see the launch notes above)."""
+    if batch * n_kv_heads >= MANY_HEADS and head_dim <= 128:
+        return 128
     return 32 if key_mode == "lowrank" or head_dim > 128 else 64
 
 
-def default_num_warps(head_dim: int, key_mode: str) -> int:
-    return 4
+def default_num_warps(block_n: int) -> int:
+    return 8 if block_n >= 128 else 4
 
 
 @functools.cache
@@ -306,12 +315,13 @@ def _sm_count() -> int:
 def default_n_splits(
     batch: int, n_kv_heads: int, n_tokens: int, block_n: int, n_sms: int | None = None
 ) -> int:
-    """Splits per (batch element, KV head): enough programs for two per SM (n_sms; the current GPU's
-    count, else the H200's 132), at least 2 blocks of `block_n` per split, at most 64."""
+    """Splits per (batch element, KV head): about two programs per SM (one with 128-token blocks) over
+    n_sms (the current GPU's count, else the H200's 132), at most one split per block of `block_n`
+    of the n_tokens, at most 64."""
     n_sms = _sm_count() if n_sms is None else n_sms
-    wanted = triton.cdiv(2 * n_sms, max(1, batch * n_kv_heads))
-    useful = triton.cdiv(max(1, triton.cdiv(n_tokens, block_n)), 2)
-    return max(1, min(wanted, useful, MAX_SPLITS))
+    per_sm = 1 if block_n >= 128 else 2
+    wanted = per_sm * n_sms // max(1, batch * n_kv_heads)
+    return max(1, min(wanted, triton.cdiv(max(1, n_tokens), block_n), MAX_SPLITS))
 
 
 def _require_contiguous_rows(**tensors) -> None:
@@ -378,14 +388,14 @@ def sparse_decode_attention(
         )
     if batch == 0 or n_q_heads == 0:
         return out
-    block_n = default_block_n(d, shapes.key_mode) if block_n is None else block_n
+    block_n = default_block_n(batch, n_kv, d, shapes.key_mode) if block_n is None else block_n
     if block_n < 16 or block_n & (block_n - 1):
         raise KvdiagError(f"block_n must be a power of two ≥ 16, got {block_n}")
     n_tokens = shapes.n_resident + shapes.n_selected + shapes.n_tail
     n_splits = default_n_splits(batch, n_kv, n_tokens, block_n) if n_splits is None else n_splits
     if isinstance(n_splits, bool) or not isinstance(n_splits, int) or not 1 <= n_splits <= 1024:
         raise KvdiagError(f"n_splits must be an integer in 1..1024, got {n_splits!r}")
-    num_warps = default_num_warps(d, shapes.key_mode) if num_warps is None else num_warps
+    num_warps = default_num_warps(block_n) if num_warps is None else num_warps
     if num_warps not in (1, 2, 4, 8, 16):
         raise KvdiagError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps!r}")
 

@@ -19,7 +19,12 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from kvdiag.kernels.decode_attention import default_n_splits, sparse_decode_attention
+from kvdiag.kernels.decode_attention import (
+    default_block_n,
+    default_n_splits,
+    default_num_warps,
+    sparse_decode_attention,
+)
 from kvdiag.kernels.gather import cuda_view_of_pinned, gather_rows
 from kvdiag.kernels.naive_attend import naive_gather_rows, naive_sparse_decode_attention, rebuild_lowrank_keys
 
@@ -281,14 +286,19 @@ def test_fp8_values_dequantize_exactly():
     assert torch.equal(out.cpu()[:, 0], rows.reshape(16, 16).to(torch.float32))
 
 
-def test_default_n_splits():
-    # B·H_kv = 8 programs: 33 splits fill 2·132 SMs, capped by the tokens: 1500 tokens / 64 → 24 blocks → 12
-    assert default_n_splits(1, 8, 1500, 64, n_sms=132) == 12
+def test_default_launch():
+    # B·H_kv = 8 programs: 2·132 // 8 = 33 splits, capped by the blocks: 1500 tokens / 64 → 24
+    assert default_n_splits(1, 8, 1500, 64, n_sms=132) == 24
     assert default_n_splits(1, 8, 100_000, 64, n_sms=132) == 33
-    assert default_n_splits(8, 8, 100_000, 64, n_sms=132) == 5
+    assert default_n_splits(8, 8, 100_000, 128, n_sms=132) == 2  # one program per SM: 132 // 64
+    assert default_n_splits(8, 8, 100_000, 64, n_sms=132) == 4
     assert default_n_splits(64, 8, 100_000, 64, n_sms=132) == 1
     assert default_n_splits(1, 1, 10**7, 16, n_sms=132) == 64  # the cap
     assert default_n_splits(1, 8, 10, 64, n_sms=132) == 1
+    assert [default_block_n(1, 8, 128, mode) for mode in ("direct", "lowrank")] == [64, 32]
+    assert [default_block_n(8, 8, 128, mode) for mode in ("direct", "lowrank")] == [128, 128]
+    assert default_block_n(8, 8, 256, "direct") == 32
+    assert [default_num_warps(n) for n in (32, 64, 128)] == [4, 4, 8]
 
 
 def test_attention_bad_inputs_raise_clear_errors():

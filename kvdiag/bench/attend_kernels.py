@@ -298,7 +298,12 @@ def attention_inputs(torch, method, case, shape, device, gen):
 def bench_attention(rec, torch, case, shape, device, gen, configs, split_factors):
     import torch.nn.functional as F
 
-    from kvdiag.kernels.decode_attention import default_n_splits, sparse_decode_attention
+    from kvdiag.kernels.decode_attention import (
+        default_block_n,
+        default_n_splits,
+        default_num_warps,
+        sparse_decode_attention,
+    )
     from kvdiag.kernels.naive_attend import naive_sparse_decode_attention
 
     scale = shape.d**-0.5
@@ -312,16 +317,23 @@ def bench_attention(rec, torch, case, shape, device, gen, configs, split_factors
         ref = naive_sparse_decode_attention(**kw, scale=scale)
         check = lambda out, ref=ref: ((out.float() - ref).norm() / ref.norm()).item()  # noqa: E731
         n_tokens = k + shape.tail_max + (shape.resident if method == "shadowkv" else 0)
+        mode = "direct" if method == "yakv" else "lowrank"
+        default_bn = default_block_n(case["B"], shape.n_kv, shape.d, mode)
+        default = (
+            default_bn,
+            default_num_warps(default_bn),
+            default_n_splits(case["B"], shape.n_kv, n_tokens, default_bn),
+        )
+        launches = [(bn, w, max(1, round(default_n_splits(case["B"], shape.n_kv, n_tokens, bn) * f)))
+                    for bn, w in configs for f in split_factors]  # fmt: skip
         rows = []
-        for block_n, warps in configs:
-            base = default_n_splits(case["B"], shape.n_kv, n_tokens, block_n)
-            for splits in sorted({max(1, round(base * f)) for f in split_factors}):
-                workspace = case["B"] * shape.n_q * splits * (shape.d + 1) * 4 * 2 if splits > 1 else 0
-                fns = [lambda kw=kw, bn=block_n, w=warps, s=splits: sparse_decode_attention(
-                       **kw, scale=scale, n_splits=s, block_n=bn, num_warps=w) for kw in sets]  # fmt: skip
-                config = f"block_n={block_n},warps={warps},splits={splits}"
-                rows.append(rec.add("attention", method, sub, fns, read + workspace, HBM_GBPS, config=config,
-                                    check=check, default_splits=splits == base))  # fmt: skip
+        for block_n, warps, splits in dict.fromkeys([default, *launches]):
+            workspace = case["B"] * shape.n_q * splits * (shape.d + 1) * 4 * 2 if splits > 1 else 0
+            fns = [lambda kw=kw, bn=block_n, w=warps, s=splits: sparse_decode_attention(
+                   **kw, scale=scale, n_splits=s, block_n=bn, num_warps=w) for kw in sets]  # fmt: skip
+            config = f"block_n={block_n},warps={warps},splits={splits}"
+            rows.append(rec.add("attention", method, sub, fns, read + workspace, HBM_GBPS, config=config,
+                                check=check, default_config=(block_n, warps, splits) == default))  # fmt: skip
         rec.flag_best(rows, ("attention", method, case["L"], case["B"]))
         rec.add("attention", f"{method}_naive_torch", sub, [lambda kw=kw: naive_sparse_decode_attention(**kw, scale=scale)],
                 read, HBM_GBPS, graph=False)  # fmt: skip
@@ -381,13 +393,14 @@ def bench_step(rec, torch, case, shape, stores, inputs):
 
 
 def print_table(rows) -> None:
-    """The short table: each group's best config, the baselines and the steps (all rows: the jsonl)."""
+    """The short table: each group's best and default configs, the baselines and the steps (all rows:
+    the jsonl)."""
     head = (f"{'kernel':9} {'variant':20} {'L':>6} {'B':>2} {'K':>6} {'config':30} {'median µs':>9} "
             f"{'eager µs':>8} {'GB/s':>7} {'of ceil':>7} {'rel err':>7}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for r in rows:
-        if r.get("config") and not r.get("best") and r["kernel"] != "step":
+        if r.get("config") and not (r.get("best") or r.get("default_config")) and r["kernel"] != "step":
             continue
         prefix = f"{r['kernel']:9} {r['variant']:20} {r['L']:>6} {r['B']:>2} {r['K']:>6} "
         if "error" in r:
@@ -397,13 +410,14 @@ def print_table(rows) -> None:
             (r["config"] or "").replace("block_n=", "bn=").replace("warps=", "w=").replace("splits=", "s=")
         )
         config = config.replace("gather[", "g[").replace("attention[", "a[")
+        config += " *" * bool(r.get("best")) + " d" * bool(r.get("default_config"))
         err, eager = r.get("rel_err_vs_naive"), r.get("eager_median_us")
         print(prefix + f"{config:30} {r['median_us']:9.1f} {'' if eager is None else f'{eager:.1f}':>8} "
               f"{r['GBps']:7.1f} {r['fraction_of_ceiling']:7.3f} {'' if err is None else f'{err:.0e}':>7}")  # fmt: skip
     print(
         "median µs: CUDA-graph replay per call (inputs rotated past L2) where an eager µs is shown, else the eager "
         "call; ceilings: gather = host link 55 GB/s, attention = HBM 4101 GB/s, step = its floor "
-        "(fetched / link + read / HBM); GB/s of a step = fetched bytes / time"
+        "(fetched / link + read / HBM); GB/s of a step = fetched bytes / time; * best config, d default launch"
     )
 
 
