@@ -106,6 +106,39 @@ def _split_range(n_tokens, split, n_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _attend_dense_source(
+    q, k_base, v_base, stride_kn, stride_vn, n_tokens, split, n_splits, m_i, l_i, acc, scale, softcap,
+    OP_TY: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """A resident or tail source: this split's share of tokens [0, n_tokens) of the rows at k_base,
+    v_base (one batch element and KV head) -> new (m, l, acc)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    start, end = _split_range(n_tokens, split, n_splits, BLOCK_N)
+    for blk in range(start, end):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = offs_n < n_tokens
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        x = tl.dot(q, tl.trans(_operand(k, OP_TY, UPCAST)), input_precision=PRECISION)
+        m_i, l_i, acc = _online_update(
+            x,
+            valid,
+            _operand(v, OP_TY, UPCAST),
+            m_i,
+            l_i,
+            acc,
+            scale,
+            softcap,
+            OP_TY,
+            HAS_SOFTCAP,
+            PRECISION,
+            UPCAST,
+        )
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _sparse_decode_kernel(
     q_ptr, stride_qb, stride_qh,
     rk_ptr, rv_ptr, res_len_ptr, stride_rkb, stride_rkh, stride_rkn, stride_rvb, stride_rvh, stride_rvn,
@@ -140,24 +173,11 @@ def _sparse_decode_kernel(
     acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
 
     if HAS_RES:
-        n_res = tl.load(res_len_ptr + b)
-        start, end = _split_range(n_res, split, n_splits, BLOCK_N)
-        k_base = rk_ptr + b * stride_rkb + h * stride_rkh
-        v_base = rv_ptr + b * stride_rvb + h * stride_rvh
-        for blk in range(start, end):
-            offs_n = blk * BLOCK_N + offs_n0
-            valid = offs_n < n_res
-            k = tl.load(
-                k_base + offs_n[:, None] * stride_rkn + offs_d[None, :], mask=valid[:, None], other=0.0
-            )
-            v = tl.load(
-                v_base + offs_n[:, None] * stride_rvn + offs_d[None, :], mask=valid[:, None], other=0.0
-            )
-            x = tl.dot(q, tl.trans(_operand(k, op_ty, UPCAST)), input_precision=PRECISION)
-            v = _operand(v, op_ty, UPCAST)
-            m_i, l_i, acc = _online_update(
-                x, valid, v, m_i, l_i, acc, scale, softcap, op_ty, HAS_SOFTCAP, PRECISION, UPCAST
-            )
+        m_i, l_i, acc = _attend_dense_source(
+            q, rk_ptr + b * stride_rkb + h * stride_rkh, rv_ptr + b * stride_rvb + h * stride_rvh,
+            stride_rkn, stride_rvn, tl.load(res_len_ptr + b), split, n_splits, m_i, l_i, acc, scale, softcap,
+            op_ty, HEAD_DIM, BLOCK_N, HAS_SOFTCAP, PRECISION, UPCAST,
+        )  # fmt: skip
 
     if SEL_MODE != 0:
         start, end = _split_range(n_selected, split, n_splits, BLOCK_N)
@@ -219,24 +239,11 @@ def _sparse_decode_kernel(
             )
 
     if HAS_TAIL:
-        n_tail = tl.load(tail_len_ptr + b)
-        start, end = _split_range(n_tail, split, n_splits, BLOCK_N)
-        k_base = tk_ptr + b * stride_tkb + h * stride_tkh
-        v_base = tv_ptr + b * stride_tvb + h * stride_tvh
-        for blk in range(start, end):
-            offs_n = blk * BLOCK_N + offs_n0
-            valid = offs_n < n_tail
-            k = tl.load(
-                k_base + offs_n[:, None] * stride_tkn + offs_d[None, :], mask=valid[:, None], other=0.0
-            )
-            v = tl.load(
-                v_base + offs_n[:, None] * stride_tvn + offs_d[None, :], mask=valid[:, None], other=0.0
-            )
-            x = tl.dot(q, tl.trans(_operand(k, op_ty, UPCAST)), input_precision=PRECISION)
-            v = _operand(v, op_ty, UPCAST)
-            m_i, l_i, acc = _online_update(
-                x, valid, v, m_i, l_i, acc, scale, softcap, op_ty, HAS_SOFTCAP, PRECISION, UPCAST
-            )
+        m_i, l_i, acc = _attend_dense_source(
+            q, tk_ptr + b * stride_tkb + h * stride_tkh, tv_ptr + b * stride_tvb + h * stride_tvh,
+            stride_tkn, stride_tvn, tl.load(tail_len_ptr + b), split, n_splits, m_i, l_i, acc, scale, softcap,
+            op_ty, HEAD_DIM, BLOCK_N, HAS_SOFTCAP, PRECISION, UPCAST,
+        )  # fmt: skip
 
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # rows without a key: 0
