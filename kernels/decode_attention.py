@@ -23,8 +23,8 @@ online-softmax update of the running max m, sum l and acc [G_pad, d] (acc += p·
 acc / l and lse = m + log2 l per query head and split to an fp32 workspace ([B, H_q, S, d] and
 [B, H_q, S]). Kernel 2, grid (B·H_q): merges the S partials, out = Σ 2^(lse_s − M) o_s / Σ 2^(lse_s − M)
 (splits without tokens carry lse = −∞ and weigh 0). With S = 1 kernel 1 writes the output directly.
-S is a launch parameter: `default_n_splits` aims at about two programs per SM (132 on the H200; one
-with 128-token blocks), at most one split per block; see the launch notes by `default_block_n`.
+S is a launch parameter: `default_n_splits` fills one wave of two programs per SM (132 SMs on the
+H200), at most one split per block; see the launch notes by `default_block_n`.
 
 Precision. With fp32 q both dots are IEEE fp32 (no TF32), so the kernel matches the fp32 reference to
 round-off. With bf16 / fp16 q the dot operands are rounded to q's dtype (keys, the softmax weights p,
@@ -293,23 +293,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Launch defaults, from the H200 sweep of `kvdiag.bench.attend_kernels` (Llama-3.1-8B shape, CUDA-graph
-# timing, 2026-12-01): with B·H_kv ≥ 32 (KV) heads, 128-token blocks and 8 warps at about
-# one program per SM were best (2 splits at B = 8, for YAKV and ShadowKV alike); with fewer heads,
-# 64-token blocks (32 for rebuilt keys, whose fp32 key and RoPE tiles need registers) and 4 warps at
-# about two programs per SM (33 splits at B = 1, 128K).
-MANY_HEADS = 32
+# Launch defaults, from the H200 sweeps of `kvdiag.bench.attend_kernels` (Llama-3.1-8B shape, YAKV and
+# ShadowKV, L = 32K / 128K, B = 1 / 8, CUDA-graph timing, 2026-12-01): 64-token blocks and 4 warps with
+# ⌊2·SMs / (B·H_kv)⌋ splits (one wave at two programs per SM: 4 splits at B = 8, 33 at B = 1) were
+# the best launch at 128K and at B = 8, and within 3 µs of it elsewhere; one more split than a wave
+# holds cost up to 40 % (a second, partial wave).
 
 
-def default_block_n(batch: int, n_kv_heads: int, head_dim: int, key_mode: str) -> int:
-    """Tokens per block (see the launch notes above)."""
-    if batch * n_kv_heads >= MANY_HEADS and head_dim <= 128:
-        return 128
-    return 32 if key_mode == "lowrank" or head_dim > 128 else 64
+def default_block_n(head_dim: int) -> int:
+    """Tokens per block: 64 (32 at d = 256, whose tiles need twice the registers)."""
+    return 64 if head_dim <= 128 else 32
 
 
 def default_num_warps(block_n: int) -> int:
-    return 8 if block_n >= 128 else 4
+    return 4 if block_n <= 64 else 8
 
 
 @functools.cache
@@ -322,12 +319,11 @@ def _sm_count() -> int:
 def default_n_splits(
     batch: int, n_kv_heads: int, n_tokens: int, block_n: int, n_sms: int | None = None
 ) -> int:
-    """Splits per (batch element, KV head): about two programs per SM (one with 128-token blocks) over
-    n_sms (the current GPU's count, else the H200's 132), at most one split per block of `block_n`
-    of the n_tokens, at most 64."""
+    """Splits per (batch element, KV head): one wave of two programs per SM over n_sms (the current
+    GPU's count, else the H200's 132), at most one split per block of `block_n` of the n_tokens, at
+    most 64."""
     n_sms = _sm_count() if n_sms is None else n_sms
-    per_sm = 1 if block_n >= 128 else 2
-    wanted = per_sm * n_sms // max(1, batch * n_kv_heads)
+    wanted = 2 * n_sms // max(1, batch * n_kv_heads)
     return max(1, min(wanted, triton.cdiv(max(1, n_tokens), block_n), MAX_SPLITS))
 
 
@@ -395,7 +391,7 @@ def sparse_decode_attention(
         )
     if batch == 0 or n_q_heads == 0:
         return out
-    block_n = default_block_n(batch, n_kv, d, shapes.key_mode) if block_n is None else block_n
+    block_n = default_block_n(d) if block_n is None else block_n
     if block_n < 16 or block_n & (block_n - 1):
         raise KvdiagError(f"block_n must be a power of two ≥ 16, got {block_n}")
     n_tokens = shapes.n_resident + shapes.n_selected + shapes.n_tail

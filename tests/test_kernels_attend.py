@@ -290,14 +290,11 @@ def test_default_launch():
     # B·H_kv = 8 programs: 2·132 // 8 = 33 splits, capped by the blocks: 1500 tokens / 64 → 24
     assert default_n_splits(1, 8, 1500, 64, n_sms=132) == 24
     assert default_n_splits(1, 8, 100_000, 64, n_sms=132) == 33
-    assert default_n_splits(8, 8, 100_000, 128, n_sms=132) == 2  # one program per SM: 132 // 64
-    assert default_n_splits(8, 8, 100_000, 64, n_sms=132) == 4
+    assert default_n_splits(8, 8, 100_000, 64, n_sms=132) == 4  # 256 programs: one wave of 2 per SM
     assert default_n_splits(64, 8, 100_000, 64, n_sms=132) == 1
     assert default_n_splits(1, 1, 10**7, 16, n_sms=132) == 64  # the cap
     assert default_n_splits(1, 8, 10, 64, n_sms=132) == 1
-    assert [default_block_n(1, 8, 128, mode) for mode in ("direct", "lowrank")] == [64, 32]
-    assert [default_block_n(8, 8, 128, mode) for mode in ("direct", "lowrank")] == [128, 128]
-    assert default_block_n(8, 8, 256, "direct") == 32
+    assert [default_block_n(d) for d in (16, 128, 256)] == [64, 64, 32]
     assert [default_num_warps(n) for n in (32, 64, 128)] == [4, 4, 8]
 
 

@@ -317,8 +317,7 @@ def bench_attention(rec, torch, case, shape, device, gen, configs, split_factors
         ref = naive_sparse_decode_attention(**kw, scale=scale)
         check = lambda out, ref=ref: ((out.float() - ref).norm() / ref.norm()).item()  # noqa: E731
         n_tokens = k + shape.tail_max + (shape.resident if method == "shadowkv" else 0)
-        mode = "direct" if method == "yakv" else "lowrank"
-        default_bn = default_block_n(case["B"], shape.n_kv, shape.d, mode)
+        default_bn = default_block_n(shape.d)
         default = (
             default_bn,
             default_num_warps(default_bn),
