@@ -38,6 +38,14 @@ s̃_i = ±sin_(i+d/2 mod d) (+ for i < d/2), so the permutation moves to the que
 and to the column order of the sin load. Bytes per selected (token, KV head): u row 2r (320 B at
 r = 160, re-read per KV head), cos and sin rows 2·d·itemsize (from L2 when heads share tokens), V.
 
+Measured on the H200 (Llama-3.1-8B shape, `kvdiag.bench.attend_kernels`, CUDA-graph replays with
+inputs rotated past L2, default launch, 2026-12-01), per layer and step at L = 32K / 128K: YAKV (fp8
+K/V, k = 3.125 % + 64, 128 generated) 10 / 13 µs at B = 1 and 20 / 46 µs at B = 8; ShadowKV (r = 160,
+416 resident, k = 1.5625 %) 17 / 18 µs and 30 / 72 µs; SDPA over all L tokens in bf16 40 / 126 µs
+and 241 / 930 µs. By the bytes it must read that is 0.1–0.56 of HBM: B = 1 is latency-bound (10 MB).
+The eager Python call costs 100–300 µs (Triton's launcher with ~70 arguments, plus the combine
+launch): replay it in a CUDA graph, as the runtime does.
+
 fp8 e4m3 is converted natively (`.to(tl.float32)`); the Triton interpreter (3.9) does too, except
 that it decodes the NaN codes 0x7F / 0xFF as ±480 (the runtime's saturating cast never stores NaN).
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (the tests); otherwise they need CUDA tensors.
