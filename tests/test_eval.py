@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import kvdiag.cli
 import kvdiag.eval.harness as evaluate
 from kvdiag.errors import KvdiagError
-from kvdiag.eval.harness import gold_answer_text, parse_task_knobs, run_eval, score_table
+from kvdiag.eval.harness import parse_task_knobs, run_eval, score_table
 from kvdiag.tasks import get_task
 
 if not kvdiag.cli.app.registered_commands:
@@ -110,16 +110,18 @@ def test_a_run_writes_predictions_table_manifest_and_figures(full_run, tiny):
 
 
 def count_generations(monkeypatch, fail_on: int | None = None) -> list:
-    """Wrap generate_cell: record each call; raise KeyboardInterrupt on call number `fail_on`."""
-    calls, real = [], evaluate.generate_cell
+    """Wrap the harness's batched decoder: record each decoded cell's method; raise KeyboardInterrupt
+    when cell number `fail_on` is about to be decoded (batch size 1: one cell per call)."""
+    calls, real = [], evaluate.decode_cells
 
-    def wrapped(*args, **kwargs):
-        calls.append(args[2])
-        if fail_on is not None and len(calls) == fail_on:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def wrapped(cells, *args, **kwargs):
+        for cell in cells:
+            calls.append(cell.method)
+            if fail_on is not None and len(calls) == fail_on:
+                raise KeyboardInterrupt
+        return real(cells, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "generate_cell", wrapped)
+    monkeypatch.setattr(evaluate, "decode_cells", wrapped)
     return calls
 
 
@@ -211,7 +213,7 @@ def test_a_data_dir_one_level_too_deep_gets_a_hint(tmp_path):
 def test_the_serialised_gold_answer_gets_full_marks(task, knobs):
     task_obj = get_task(task, **knobs)
     for sample in task_obj.samples(2, seed=1, target_tokens=4096):
-        assert task_obj.score(gold_answer_text(task, sample), sample) == 100.0
+        assert task_obj.score(task_obj.answer_text(sample), sample) == 100.0
 
 
 def test_task_knobs_from_the_command_line_take_their_defaults_types():
@@ -309,26 +311,27 @@ def test_cells_follow_each_methods_own_budgets(tmp_path):
 
 
 def shared_equals_plain(model, tokenizer, text: str, new_tokens: int) -> None:
-    """Exact and oracle at the full budget from a shared prefill of prompt[:-1] give the tokens that
-    plain `model.generate` gives from scratch."""
+    """Exact and oracle at the full budget from a shared prefill of prompt[:-1] (the batched greedy
+    decoder the harness uses) give the tokens that plain `model.generate` gives from scratch."""
     from kvdiag.eval.harness import eos_token_ids, generate_cell, prefill_prompt
     from kvdiag.methods import get_method
+    from kvdiag.offload.decode import greedy_decode
 
     ids = tokenizer(text, return_tensors="pt").input_ids
     eos = eos_token_ids(model, tokenizer, chat=False)
-    plain, _, _ = generate_cell(model, ids, None, 1.0, new_tokens, eos)
+    plain, _ = generate_cell(model, ids, None, 1.0, new_tokens, eos)
     prefill = prefill_prompt(model, ids)
     assert prefill.n_tokens == ids.shape[1] - 1
-    shared_exact, _, _ = generate_cell(model, ids, None, 1.0, new_tokens, eos, prefill=prefill)
-    shared_oracle, stats, sim = generate_cell(
-        model, ids, get_method("oracle"), 1.0, new_tokens, eos, prefill=prefill
-    )
+    shared_exact = greedy_decode(model, [prefill], new_tokens, eos).tokens[0]
+    oracle = greedy_decode(model, [prefill], new_tokens, eos, method=get_method("oracle"), budget=1.0)
     assert len(plain) == new_tokens
-    assert plain.tolist() == shared_exact.tolist() == shared_oracle.tolist()
+    assert plain.tolist() == shared_exact.tolist() == oracle.tokens[0].tolist()
     # the last prompt token is the first decode step under the simulator: L - 1 tokens indexed
-    assert sim.prompt_len == ids.shape[1] - 1 and stats["decode_steps"] == new_tokens
-    again, _, _ = generate_cell(model, ids, None, 1.0, new_tokens, eos, prefill=prefill)
-    assert again.tolist() == plain.tolist()  # each cell continues from its own copy of the cache
+    assert (
+        oracle.stats[0]["prompt_tokens"] == ids.shape[1] - 1 and oracle.stats[0]["decode_steps"] == new_tokens
+    )
+    again = greedy_decode(model, [prefill], new_tokens, eos).tokens[0]
+    assert again.tolist() == plain.tolist()  # a prefill is never consumed by a decode
 
 
 def test_shared_prefill_generates_what_plain_generate_does_on_tiny_llama(tiny):
@@ -343,3 +346,21 @@ def test_shared_prefill_generates_what_plain_generate_does_on_smollm2(smollm2):
     model, tokenizer = smollm2
     text = tokenizer.decode(tokenizer(sample_text()).input_ids[:300])
     shared_equals_plain(model, tokenizer, text, 12)
+
+
+def test_a_batch_of_samples_decodes_what_one_at_a_time_does(tmp_path):
+    """Batched decoding (prompts of different lengths, left-padded) gives every cell the tokens, scores
+    and fetched bytes of decoding its sample alone."""
+    args = dict(TINY, task="text2json", target_tokens=1400, methods=["oracle", "yakv:local=8", "shadowkv:rank=8,outlier_chunks=1,local=8"],
+                budgets=[0.25], n=4, fidelity=False, figures=False)  # fmt: skip
+    run_eval(**args, out=tmp_path / "one", batch_size=1)
+    run_eval(**args, out=tmp_path / "four", batch_size=4)
+    one, four = ({(r["sample_id"], r["method"]): r for r in lines(tmp_path / d / "predictions.jsonl")}
+                 for d in ("one", "four"))  # fmt: skip
+    assert one.keys() == four.keys() and len(one) == 4 * 4
+    assert len({r["prompt_tokens"] for r in one.values()}) > 1  # prompts of different lengths
+    for key, row in one.items():
+        for column in ("prediction", "score", "tokens_generated", "budget_tokens"):
+            assert row[column] == four[key][column], (key, column)
+        for column in ("fetched_bytes_per_step", "resident_bytes_per_token"):
+            assert row[column] == pytest.approx(four[key][column]), (key, column)

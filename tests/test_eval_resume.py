@@ -43,13 +43,13 @@ def cells(out) -> dict:
 
 
 def count_generations(monkeypatch) -> list:
-    calls, real = [], harness.generate_cell
+    calls, real = [], harness.decode_cells
 
-    def wrapped(*args, **kwargs):
-        calls.append((args[2].name if args[2] is not None else "exact", args[3]))
-        return real(*args, **kwargs)
+    def wrapped(cells, *args, **kwargs):
+        calls.extend((c.method.name if c.method is not None else "exact", c.budget) for c in cells)
+        return real(cells, *args, **kwargs)
 
-    monkeypatch.setattr(harness, "generate_cell", wrapped)
+    monkeypatch.setattr(harness, "decode_cells", wrapped)
     return calls
 
 
@@ -149,13 +149,13 @@ def test_the_data_dir_may_move_but_the_data_may_not_change(tmp_path, shared_data
 CHILD = """
 import sys, time
 import kvdiag.eval.harness as h
-real, done = h.generate_cell, []
+real, done = h.decode_cells, []
 def slow(*a, **k):
     if len(done) == 2:
         time.sleep(600)
     done.append(1)
     return real(*a, **k)
-h.generate_cell = slow
+h.decode_cells = slow
 sys.argv = ["kvdiag"] + sys.argv[1:]
 from kvdiag.cli import main
 main()

@@ -69,8 +69,10 @@ def test_a_reproduction_runs_as_several_short_jobs(tmp_path, monkeypatch):
     )
 
     calls = []
-    real = harness.generate_cell
-    monkeypatch.setattr(harness, "generate_cell", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = harness.decode_cells
+    monkeypatch.setattr(
+        harness, "decode_cells", lambda cells, *a, **k: calls.extend(cells) or real(cells, *a, **k)
+    )
     grown = reproduce(*base, "--n", "2")  # one more sample: only its 9 cells run
     assert grown.exit_code == 0, grown.output
     assert "spectrum: already in" in grown.output and "recall: already in" in grown.output

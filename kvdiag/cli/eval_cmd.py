@@ -77,6 +77,11 @@ def register(app: typer.Typer) -> None:
         no_fidelity: bool = typer.Option(
             False, "--no-fidelity", help="skip teacher-forced KL / top-1 agreement on the gold answer"
         ),
+        batch_size: int = typer.Option(
+            1,
+            "--batch-size",
+            help="samples decoded together per method × budget (same tokens as one at a time)",
+        ),
     ) -> None:
         """Generate answers to a task's samples with exact attention and with each offloading method at
         each budget (in the accuracy simulator), score them, and write predictions.jsonl,
@@ -95,7 +100,7 @@ def register(app: typer.Typer) -> None:
             result = run_eval(
                 model, task, out, methods=specs, budgets=budget_list, task_knobs=parse_task_knobs(task, task_knob or []),
                 n=n, target_tokens=target_tokens, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
-                data_dir=data_dir, device=device, dtype=dtype, fidelity=not no_fidelity,
+                data_dir=data_dir, device=device, dtype=dtype, fidelity=not no_fidelity, batch_size=batch_size,
             )  # fmt: skip
         except KeyboardInterrupt:
             typer.echo(

@@ -52,7 +52,7 @@ def teacher_forced_fidelity(
                 approx = _continue(model, cache, answer_inputs)
             kl = (exact.exp() * (exact - approx)).sum(-1).clamp_min(0)
             frame = pd.DataFrame({
-                "method": method.label(), "budget": budget, "budget_tokens": sim.budget_of(sim.prompt_lens[0]),
+                "method": method.label(), "budget": budget, "budget_tokens": sim.row_budget(0),
                 "position": range(1, answer_ids.shape[1]), "kl": kl.cpu().numpy(),
                 "top1_agree": (exact.argmax(-1) == approx.argmax(-1)).cpu().numpy(),
                 "gold_logprob_exact": exact.gather(1, targets[:, None])[:, 0].cpu().numpy(),

@@ -49,19 +49,27 @@ step and layer (all KV heads), as `SimulationState.stats`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
-import math
 import os
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from kvdiag.errors import KvdiagError, unknown_name_error
+from kvdiag.eval.generation import (  # noqa: F401  (re-exported: the harness's public names)
+    END_OF_TURN_TOKENS,
+    Cell,
+    cell_fidelity,
+    cell_row,
+    decode_cells,
+    encode,
+    eos_token_ids,
+    exact_bytes_per_token,
+    generate_cell,
+    prefill_prompt,
+)
 from kvdiag.eval.inputs import (  # noqa: F401  (re-exported: the harness's public names)
     MethodRun,
     parse_task_knobs,
@@ -87,7 +95,6 @@ from kvdiag.methods.base import resolve_budget
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGETS = (0.03125, 0.0625)
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
 def _context_length(model: str) -> int | None:
@@ -128,203 +135,22 @@ def _check_data(task_name: str, knobs: dict) -> None:
     raise KvdiagError(f"no data for task {task_name!r} in data directory {data_dir}{hint}")
 
 
-# --- gold answers, tokens, generation ---------------------------------------------------------------
-
-
-def _filled_format(record: dict) -> str:
-    """A needle's answer in its question's requested format ("... was________." with the keyword)."""
-    match = re.search(r"format '(.*)'", record["question"])
-    if match and "________" in match.group(1):
-        return " ".join(match.group(1).replace("________", " " + record["keyword"]).split())
-    return record["needle"]
-
-
-def gold_answer_text(task_name: str, sample) -> str:
-    """The gold answer as the task's prompt asks for it (what fidelity teacher-forces).
-
-    text2json: `json.dumps(gold)`; needle / multineedle: each needle's answer sentence in the
-    question's requested format with the keyword filled in, one per line, in depth order; html2tsv and
-    html2tsv_synthetic: the gold TSV in a ```tsv block; other tasks: the gold string, or its JSON.
-    """
-    gold = sample.gold
-    if task_name == "text2json":
-        return json.dumps(gold)
-    if task_name in ("needle", "multineedle"):
-        return "\n".join(_filled_format(g) for g in gold)
-    if task_name.startswith("html2tsv"):
-        return f"```tsv\n{gold.strip()}\n```"
-    return gold if isinstance(gold, str) else json.dumps(gold)
-
-
-def encode(tokenizer, sample, chat: bool):
-    """input_ids [1, L] of a sample: its messages through the chat template, or the raw prompt text."""
-    if chat:
-        return tokenizer.apply_chat_template(
-            sample.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-    return tokenizer(sample.prompt_text, add_special_tokens=True, return_tensors="pt").input_ids
-
-
-def eos_token_ids(model, tokenizer, chat: bool) -> list[int]:
-    ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        ids.update([value] if isinstance(value, int) else (value or []))
-    if chat:
-        vocab = tokenizer.get_vocab()
-        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return sorted(ids)
-
-
-@dataclasses.dataclass
-class SharedPrefill:
-    """One exact prefill of prompt[:-1] shared by all cells of a sample (see the module docstring)."""
-
-    trace: Any  # kvdiag.capture.trace.Trace of the L - 1 prefilled tokens, every layer
-    cache: Any  # the transformers cache after them; each cell continues from a deep copy
-
-    @property
-    def n_tokens(self) -> int:
-        return self.trace.n_tokens
-
-
-def prefill_prompt(model, input_ids) -> SharedPrefill:
-    """Prefill input_ids[:, :-1] [1, L - 1] once, exactly, recording every layer."""
-    import torch
-
-    from kvdiag.capture import capture
-    from kvdiag.models import adapter
-
-    if input_ids.shape[1] < 2:
-        raise KvdiagError("a shared prefill needs a prompt of at least 2 tokens")
-    with torch.inference_mode(), capture(model, "all") as rec:
-        out = model(input_ids=input_ids[:, :-1], use_cache=True)
-    return SharedPrefill(rec.trace(with_versions=False), adapter.model_forward_cache(out))
-
-
-def generate_cell(model, input_ids, method: Method | None, budget, max_new_tokens: int, eos: list[int],
-                  prefill: SharedPrefill | None = None):  # fmt: skip
-    """Greedy generation for one cell: exact (method None) or inside the simulator; from a copy of
-    `prefill` (input_ids[:, :-1] already in its cache) or, without it, from scratch.
-
-    Returns (new token ids [T], simulator stats dict or None, the SimulationState or None).
-    """
-    import torch
-
-    from kvdiag.models import adapter
-    from kvdiag.offload.simulate import simulate
-
-    kwargs = dict(
-        attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=False,
-        num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos,
-        pad_token_id=eos[0] if eos else None,
-    )  # fmt: skip
-    trace = None
-    if prefill is not None:
-        kwargs.update(adapter.with_cache(model, copy.deepcopy(prefill.cache)))
-        trace = prefill.trace
-        if method is not None:  # ceil(b·L) of the L-token prompt, at most the L - 1 indexed tokens
-            budget = min(resolve_budget(budget, input_ids.shape[1]), prefill.n_tokens)
-    with torch.inference_mode():
-        if method is None:
-            out = model.generate(input_ids, **kwargs)
-            return out[0, input_ids.shape[1] :], None, None
-        with simulate(model, method, budget, prompt_trace=trace) as sim:
-            out = model.generate(input_ids, **kwargs)
-        return out[0, input_ids.shape[1] :], sim.stats(), sim
-
-
-def _resident_bytes_per_token(method: Method, sim) -> float:
-    """Mean over simulated layers of the resident bytes (index + decode state, as stored) per prompt token."""
-    return sim.resident_bytes_per_token()[0]
-
-
-def _fidelity(model, tokenizer, prompt_ids, answer: str, runs: list[tuple[Method, Any]]) -> list[dict]:
-    """Per run: mean KL, top-1 agreement and gold log-probs over the teacher-forced answer."""
-    from kvdiag.eval.fidelity import teacher_forced_fidelity
-
-    answer_ids = tokenizer(answer, add_special_tokens=False, return_tensors="pt").input_ids
-    if answer_ids.shape[1] < 2 or not runs:
-        return [_no_fidelity(answer_ids.shape[1]) for _ in runs]
-    frame = teacher_forced_fidelity(model, prompt_ids, answer_ids, runs)
-    per_run = answer_ids.shape[1] - 1
-    # rows come in `runs` order, per_run each (the frame labels rows by method.name only, which is
-    # ambiguous for two variants of one method)
-    return [
-        {
-            "kl_mean": float(part.kl.mean()),
-            "top1_agree": float(part.top1_agree.mean()),
-            "gold_logprob_exact": float(part.gold_logprob_exact.mean()),
-            "gold_logprob_method": float(part.gold_logprob_method.mean()),
-            "answer_tokens": per_run + 1,
-        }  # fmt: skip
-        for part in (frame.iloc[i * per_run : (i + 1) * per_run] for i in range(len(runs)))
-    ]
-
-
-def _no_fidelity(answer_tokens=None) -> dict:
-    nan = float("nan")
-    return {"kl_mean": nan, "top1_agree": nan, "gold_logprob_exact": nan, "gold_logprob_method": nan,
-            "answer_tokens": answer_tokens}  # fmt: skip
-
-
 # --- the pipeline -----------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Cell:
-    """One generation: a sample under `method` (None = exact) at `budget`."""
-
-    sample: Any
-    method: Method | None
-    label: str
-    spec: str
-    budget: float | int
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return cell_key(self.sample.id, self.label, self.budget)
+def _sample_groups(pending: list, batch_size: int) -> list[list]:
+    """The samples with pending cells, in order, in groups of batch_size (decoded together)."""
+    samples = list({id(c.sample): c.sample for c in pending}.values())
+    return [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
 
 
-def _exact_bytes_per_token(model) -> float:
-    """K and V per token and layer at the model's dtype (what exact attention keeps resident)."""
-    from kvdiag.models.adapter import config_shapes
-
-    shapes = config_shapes(model.config)
-    return float(2 * shapes["kv_heads"] * shapes["head_dim"] * next(model.parameters()).element_size())
-
-
-def _run_cell(cell: Cell, net, tokenizer, task, input_ids, max_new_tokens: int, eos: list[int], fid: dict | None,
-              exact_bytes: float, prefill: SharedPrefill | None = None) -> dict:  # fmt: skip
-    """Generate, score and account one cell: the predictions.jsonl row."""
+def _scratch_cell(cell, net, tokenizer, task, prompts, device, max_new_tokens, eos, fid, exact_bytes) -> dict:
+    """One cell with plain `generate` from scratch (shared_prefill=False): the reference path."""
+    ids = prompts[cell.sample.id].to(device)
     tic = time.perf_counter()
-    new_ids, stats, sim = generate_cell(
-        net, input_ids, cell.method, cell.budget, max_new_tokens, eos, prefill=prefill
-    )
-    wall = time.perf_counter() - tic
-    prediction = tokenizer.decode(new_ids, skip_special_tokens=True)
-    metrics = task.metrics(prediction, cell.sample)
-    length, n_new = input_ids.shape[1], len(new_ids)
-    budget_tokens = length if cell.method is None else resolve_budget(cell.budget, length)
-    row = {
-        "sample_id": cell.sample.id, "task": task.name, "method": cell.label, "method_spec": cell.spec,
-        "budget": cell.budget, "budget_tokens": budget_tokens, "budget_fraction": budget_tokens / length,
-        "prompt_tokens": length, "n_facts": cell.sample.meta.get("n_facts"), "prediction": prediction,
-        "gold": cell.sample.gold,
-        "score": float(metrics[task.metric] if task.metric in metrics else task.score(prediction, cell.sample)),
-        "metrics": metrics, "tokens_generated": n_new,
-        "hit_cap": bool(n_new >= max_new_tokens and int(new_ids[-1]) not in eos), "wall_s": round(wall, 4),
-    }  # fmt: skip
-    if cell.method is None:
-        row.update(kl_mean=0.0, top1_agree=1.0, gold_logprob_exact=None, gold_logprob_method=None,
-                   answer_tokens=None, resident_bytes_per_token=exact_bytes, fetched_tokens_per_step=0.0,
-                   fetched_bytes_per_step=0.0, decode_steps=max(n_new - 1, 0))  # fmt: skip
-    else:
-        row.update(fid or _no_fidelity())
-        row.update(resident_bytes_per_token=_resident_bytes_per_token(cell.method, sim),
-                   fetched_tokens_per_step=stats.get("fetched_tokens_per_step_layer", math.nan),
-                   fetched_bytes_per_step=stats.get("fetched_bytes_per_step_layer", math.nan),
-                   decode_steps=stats.get("decode_steps", 0))  # fmt: skip
-    return row
+    new_ids, stats = generate_cell(net, ids, cell.method, cell.budget, max_new_tokens, eos)
+    return cell_row(cell, task, tokenizer, new_ids.cpu(), stats or {}, ids.shape[1], max_new_tokens, eos,
+                    fid.get(cell.key), exact_bytes, time.perf_counter() - tic)  # fmt: skip
 
 
 def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple] | None = None,
@@ -332,7 +158,7 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
              target_tokens: int = 2048, max_new_tokens: int = 256, seed: int = 0, chat: bool | None = None,
              data_dir=None, device: str | None = "cpu", dtype=None, fidelity: bool = True,
              figures: bool = True, progress: bool = True, shared_prefill: bool = True,
-             deadline: float | None = None) -> dict:  # fmt: skip
+             deadline: float | None = None, batch_size: int = 1) -> dict:  # fmt: skip
     """The `kvdiag eval` pipeline (see the module docstring); resumes into an existing `out`.
 
     methods: specs ("shadowkv:rank=320", "yakv@3.125%"), Method objects or (method, budget) pairs,
@@ -340,7 +166,8 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     methods without their own; task_knobs: the task's knobs (typed values); data_dir: sets the task's
     `data_dir` knob; chat: None = the chat template when the tokenizer has one; shared_prefill: False
     prefills every cell on its own (plain `generate`, slower; the same tokens); deadline: a
-    `time.monotonic()` value after which no new cell starts (the run is then partial). Every input is
+    `time.monotonic()` value after which no new cell starts (the run is then partial); batch_size: how
+    many samples are decoded together per method × budget (the same tokens as one at a time). Every input is
     validated before the model loads and before anything is written.
     Returns {"out", "predictions", "table", "figures", "cells", "new_cells", "seconds", "scores",
     "complete"} (cells and new_cells count this call's cells).
@@ -362,7 +189,12 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     if len({repr(b) for b in budgets}) != len(budgets):
         raise KvdiagError(f"a budget is given twice in {budgets}")
     runs = resolve_runs(methods, budgets)
-    for name, value in (("n", n), ("--max-new-tokens", max_new_tokens), ("--target-tokens", target_tokens)):
+    for name, value in (
+        ("n", n),
+        ("--max-new-tokens", max_new_tokens),
+        ("--target-tokens", target_tokens),
+        ("--batch-size", batch_size),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise KvdiagError(f"{name} must be an integer ≥ 1, got {value!r}")
     device = resolve_device(device)
@@ -436,33 +268,46 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
         total=len(cells), initial=len(cells) - len(pending), desc=f"eval {task}", unit="cell",
         disable=not progress,
     )  # fmt: skip
-    exact_bytes, sample_now, fid, prefill = _exact_bytes_per_token(net), None, {}, None
-    ran, stopped = 0, False
-    for cell in pending:
-        if deadline is not None and time.monotonic() >= deadline:
-            stopped = True
-            log.info("deadline reached: %d cells left for the next run", len(pending) - ran)
+    exact_bytes, ran, stopped = exact_bytes_per_token(net), 0, False
+    groups = _sample_groups(pending, batch_size)
+    for group in groups:
+        if stopped:
             break
-        ids = prompts[cell.sample.id].to(device)
-        if sample_now is not cell.sample:  # a new sample: its fidelity and its shared prefill
-            sample_now, fid, prefill = cell.sample, {}, None
-            todo = [c for c in pending if c.sample is cell.sample and c.method is not None]
+        prefills, fid = {}, {}
+        for sample in group:
+            ids = prompts[sample.id].to(device)
+            todo = [c for c in pending if c.sample is sample and c.method is not None]
             if fidelity and todo:
-                bar.set_postfix_str(f"{cell.sample.id} fidelity")
-                answer = gold_answer_text(task, cell.sample)
-                results = _fidelity(net, tokenizer, ids, answer, [(c.method, c.budget) for c in todo])
-                fid = {c.key: r for c, r in zip(todo, results)}
-            if shared_prefill and todo and ids.shape[1] >= 2:
-                bar.set_postfix_str(f"{cell.sample.id} prefill")
-                prefill = prefill_prompt(net, ids)
-        bar.set_postfix_str(f"{cell.sample.id} {cell.label} {cell.budget}")
-        row = _run_cell(cell, net, tokenizer, task_obj, ids, max_new_tokens, eos, fid.get(cell.key), exact_bytes,
-                        prefill)  # fmt: skip
-        append_row(out / PREDICTIONS, row)
-        ran += 1
-        bar.update()
+                bar.set_postfix_str(f"{sample.id} fidelity")
+                results = cell_fidelity(
+                    net, tokenizer, ids, task_obj.answer_text(sample), [(c.method, c.budget) for c in todo]
+                )
+                fid.update({c.key: r for c, r in zip(todo, results)})
+            bar.set_postfix_str(f"{sample.id} prefill")
+            prefills[sample.id] = prefill_prompt(net, ids)
+        ids_of = {s.id for s in group}
+        configs = list(dict.fromkeys((c.label, repr(c.budget)) for c in pending if c.sample.id in ids_of))
+        for label, budget in configs:
+            if deadline is not None and time.monotonic() >= deadline:
+                stopped = True
+                log.info("deadline reached: %d cells left for the next run", len(pending) - ran)
+                break
+            batch = [
+                c for c in pending if c.sample.id in ids_of and (c.label, repr(c.budget)) == (label, budget)
+            ]
+            bar.set_postfix_str(f"{len(batch)} × {label} {batch[0].budget}")
+            if shared_prefill:
+                rows = decode_cells(batch, net, tokenizer, task_obj, prompts, prefills, max_new_tokens, eos, fid,
+                                    exact_bytes)  # fmt: skip
+            else:
+                rows = [_scratch_cell(c, net, tokenizer, task_obj, prompts, device, max_new_tokens, eos, fid,
+                                      exact_bytes) for c in batch]  # fmt: skip
+            for row in rows:
+                append_row(out / PREDICTIONS, row)
+            ran += len(rows)
+            bar.update(len(rows))
+        prefills = None
     bar.close()
-    prefill = None
 
     table = results_table(read_predictions(out))  # every cell of the run, this call's and earlier ones
     write_table(table, out / RESULTS)

@@ -6,7 +6,7 @@
 Queries (the definitions are in `kvdiag.analysis.heads`):
 - `task`: each of `n` samples (seed `seed`, prompts of ~`target_tokens`) under teacher forcing: the
   prompt (`kvdiag.eval.harness.encode`, the chat template by default when the tokenizer has one) is
-  followed by the gold answer as the task asks for it (`gold_answer_text`, no special tokens); the
+  followed by the gold answer as the task asks for it (`Task.answer_text`, no special tokens); the
   query positions are the answer tokens' positions, so L0 = the prompt's length and the answer plays
   the generated tail. Unless `needle_baseline=False` (or the task is `needle` itself) the same is
   measured on `n` samples of the `needle` task at the same `target_tokens`: the low-intensity
@@ -44,7 +44,8 @@ from kvdiag.analysis.heads import (
 )
 from kvdiag.analysis.recall import resolve_positions
 from kvdiag.errors import KvdiagError
-from kvdiag.eval.harness import encode, gold_answer_text
+from kvdiag.eval.generation import encode
+from kvdiag.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def teacher_forced(tokenizer, task_name: str, sample, chat: bool) -> HeadsInput:
     """A task sample's prompt followed by its gold answer's tokens; the queries are the answer's positions."""
     prompt = encode(tokenizer, sample, chat)
     answer = tokenizer(
-        gold_answer_text(task_name, sample), add_special_tokens=False, return_tensors="pt"
+        get_task(task_name).answer_text(sample), add_special_tokens=False, return_tensors="pt"
     ).input_ids
     if answer.shape[1] == 0:
         raise KvdiagError(f"sample {sample.id}: the gold answer tokenizes to zero tokens")

@@ -68,11 +68,12 @@ def greedy_decode(
     max_new_tokens: int,
     eos: Sequence[int],
     method: Method | None = None,
-    budget: float | int | None = None,
+    budget: float | int | Sequence | None = None,
     layers="all",
     keep_logits: bool = False,
 ) -> DecodeResult:
-    """Greedy decoding of a batch of prefilled prompts (exact, or `method` at `budget`)."""
+    """Greedy decoding of a batch of prefilled prompts (exact, or `method` at `budget`: a fraction of
+    each row's indexed prompt, or tokens; a list gives each row its own)."""
     if not prefills:
         raise KvdiagError("greedy_decode needs at least one prefilled prompt")
     if max_new_tokens < 1:

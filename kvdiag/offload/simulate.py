@@ -58,7 +58,7 @@ class SimulationState:
     """What the simulator knows about the current prompts; `stats()` summarises decode steps."""
 
     method: Method
-    budget: float | int
+    budget: float | int | list
     layers: set[int]
     recorder: Recorder
     traces: list = field(default_factory=list)
@@ -96,14 +96,14 @@ class SimulationState:
 
     @property
     def budget_tokens(self) -> int | None:
-        return resolve_budget(self.budget, self.traces[0].n_tokens) if len(self.traces) == 1 else None
+        return self.row_budget(0) if len(self.traces) == 1 else None
 
     def layer(self, layer: int, device, dtype) -> LayerState:
         """The method's state for `layer`, built from the prompts on first use."""
         if layer not in self.per_layer:
             method = self.method
             builts = [method.build(t.layer_kv(layer, device=device)) for t in self.traces]
-            states = [method.start(b, self.budget_of(b.n_tokens)) for b in builts]
+            states = [method.start(built, self.row_budget(b)) for b, built in enumerate(builts)]
             s0 = max(self.prompt_lens)
             h_kv, d = builts[0].n_kv_heads, builts[0].head_dim
             view_k = torch.zeros(len(builts), h_kv, s0, d, dtype=dtype, device=device)
@@ -115,9 +115,11 @@ class SimulationState:
             self.per_layer[layer] = LayerState(builts, method.stack(builts), states, view_k, view_v)
         return self.per_layer[layer]
 
-    def budget_of(self, n_tokens: int) -> int:
-        """The budget in tokens for a prompt of n_tokens (a token budget is capped at the prompt)."""
-        budget = self.budget
+    def row_budget(self, b: int) -> int:
+        """Row b's budget in tokens: `budget` (one for every row, or a list with one per row) as a
+        fraction of the row's indexed prompt or tokens (capped at the prompt)."""
+        budget = self.budget[b] if isinstance(self.budget, (list, tuple)) else self.budget
+        n_tokens = self.prompt_lens[b]
         if not (isinstance(budget, float) and budget <= 1):
             budget = min(int(budget), n_tokens)
         return resolve_budget(budget, n_tokens)
@@ -143,7 +145,7 @@ class SimulationState:
         entry_bytes = sum(self.method.entry_bytes(ls.builts[b]) for ls in self.per_layer.values()) / n_layers
         return {
             "prompt_tokens": self.prompt_lens[b],
-            "budget_tokens": self.budget_of(self.prompt_lens[b]),
+            "budget_tokens": self.row_budget(b),
             "decode_steps": queries // n_layers,
             "fetched_tokens_per_step_layer": entries / queries / n_kv,  # per KV head
             "fetched_bytes_per_step_layer": entries / queries * entry_bytes,
@@ -209,12 +211,13 @@ def _decode_attention(state: SimulationState, module, query, key, value) -> torc
 def simulate(
     model,
     method: Method,
-    budget: float | int,
+    budget: float | int | Sequence,
     layers: str | Sequence[int] | None = "all",
     prompt_trace=None,
     prompt_traces: Sequence | None = None,
 ) -> Iterator[SimulationState]:
-    """Run `method` at `budget` (fraction of the prompt or tokens) in `model`'s attention while open.
+    """Run `method` at `budget` (fraction of the prompt or tokens; a list gives one per batch row) in
+    `model`'s attention while open.
 
     layers: where the method applies ('all' = every full-attention layer); other layers attend exactly.
     prompt_trace: a Trace of the prompt (all those layers) whose prefill cache the caller continues

@@ -67,6 +67,7 @@ class ReproduceConfig:
     scale_outliers: bool = False  # ShadowKV outlier chunks scaled to the study's share of the prompt
     fidelity: bool = True
     html2tsv_real: bool = True  # use LongProc's real pages when the data is found
+    batch_size: int = 1  # samples decoded together per method × budget (the GPU config batches)
     name: str = "custom"  # how the report names it: quick, gpu, a YAML file's name, custom
 
     def to_json(self) -> dict:
@@ -104,7 +105,7 @@ def gpu_config() -> ReproduceConfig:
             TaskPlan("needle", 20, 16384, 64),
         ],
         analysis_tokens=16384, recall_layer_stride=1, recall_queries=64, scale_outliers=True,
-        fidelity=True, html2tsv_real=True, name="gpu",
+        fidelity=True, html2tsv_real=True, name="gpu", batch_size=10,
     )  # fmt: skip
 
 

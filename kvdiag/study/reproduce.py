@@ -300,7 +300,8 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
             model, plan.task, out / f"eval_{plan.task}", methods=[(s.method, s.budget) for s in studied],
             budgets=[], task_knobs=plan.knobs, n=plan.n, target_tokens=plan.target_tokens,
             max_new_tokens=plan.max_new_tokens, data_dir=data_dir if _reads_data(plan.task) else None,
-            device=device, fidelity=config.fidelity, progress=progress, deadline=deadline)["complete"])  # fmt: skip
+            device=device, fidelity=config.fidelity, progress=progress, deadline=deadline,
+            batch_size=config.batch_size)["complete"])  # fmt: skip
 
     remaining = [
         name for name in stage_names

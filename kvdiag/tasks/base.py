@@ -145,6 +145,7 @@ class Task:
     """
 
     name: ClassVar[str] = ""
+    title: ClassVar[str] = ""  # how reports and figures name the task
     description: ClassVar[str] = ""
     metric: ClassVar[str] = "score"
     higher_is_better: ClassVar[bool] = True
@@ -158,6 +159,13 @@ class Task:
     def score(self, prediction: str, sample: Sample) -> float:
         """Score one model output against the sample's gold, 0..100."""
         raise NotImplementedError
+
+    def answer_text(self, sample: Sample) -> str:
+        """The gold answer written as the prompt asks for it (what fidelity teacher-forces and what
+        `kvdiag heads` takes the decode-like queries from): the gold string, or its JSON."""
+        import json
+
+        return sample.gold if isinstance(sample.gold, str) else json.dumps(sample.gold)
 
     def metrics(self, prediction: str, sample: Sample) -> dict[str, float]:
         """All metrics of one output (the headline one under `self.metric`)."""

@@ -220,3 +220,13 @@ def needle_samples(
         }
         out.append(Sample(f"{task.name}-s{seed}-{i}", [{"role": "user", "content": prompt}], gold, meta))
     return out
+
+
+def filled_format(record: dict) -> str:
+    """A needle's answer in its question's requested format ("... was________." with the keyword)."""
+    import re
+
+    match = re.search(r"format '(.*)'", record["question"])
+    if match and "________" in match.group(1):
+        return " ".join(match.group(1).replace("________", " " + record["keyword"]).split())
+    return record["needle"]

@@ -107,6 +107,7 @@ class HtmlToTsv(Task):
     """
 
     name = "html2tsv"
+    title = "HTML→TSV (LongProc)"
     description = "LongProc HTML→TSV on the real pages: extract every matching record (row-level F1)"
     metric = "f1"
 
@@ -177,3 +178,7 @@ class HtmlToTsv(Task):
 
     def metrics(self, prediction: str, sample: Sample) -> dict[str, float]:
         return tsv_metrics(prediction, sample.gold)
+
+    def answer_text(self, sample: Sample) -> str:
+        """The gold TSV in a ```tsv block, as the prompt asks."""
+        return f"```tsv\n{sample.gold.strip()}\n```"

@@ -110,6 +110,7 @@ class HtmlToTsvSynthetic(Task):
     """Knobs: n_items (product cards, default 6), only_in_stock (filtering instruction, default False)."""
 
     name = "html2tsv_synthetic"
+    title = "HTML→TSV (synthetic)"
     description = "Seeded HTML listing page → TSV with gold, sized to target_tokens (LongProc row-level F1)"
     metric = "f1"
 
@@ -182,3 +183,7 @@ def _page(chrome: list[str], items: list[tuple], fractions: list[float]) -> str:
         '<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>Home &amp; Outdoor Store</title></head>\n'
         '<body>\n<main id="listing">\n' + "\n".join(body) + "\n</main>\n</body>\n</html>"
     )
+
+    def answer_text(self, sample: Sample) -> str:
+        """The gold TSV in a ```tsv block, as the prompt asks."""
+        return f"```tsv\n{sample.gold.strip()}\n```"

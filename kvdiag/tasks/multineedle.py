@@ -16,6 +16,7 @@ from kvdiag.errors import KvdiagError
 from kvdiag.tasks.base import Sample, Task, resolve_data_dir
 from kvdiag.tasks.haystack import (
     PROMPT_MANY,
+    filled_format,
     keyword_found,
     multi_question,
     needle_files,
@@ -28,6 +29,7 @@ class MultiNeedle(Task):
     """Knobs: depths (percent; one needle each, default 0..100 step 10), case_sensitive, data_dir."""
 
     name = "multineedle"
+    title = "multi-needle"
     description = "NeedleBench v2 multi-retrieval: 11 needles at depths 0-100 %, all questions at the end"
     metric = "keyword_recall"
 
@@ -55,3 +57,8 @@ class MultiNeedle(Task):
     def score(self, prediction: str, sample: Sample) -> float:
         hits = self.depth_hits(prediction, sample)
         return 100.0 * sum(hits.values()) / len(hits)
+
+    def answer_text(self, sample: Sample) -> str:
+        """Each needle's answer sentence in its question's requested format, keyword filled in, one per
+        line, in depth order."""
+        return "\n".join(filled_format(g) for g in sample.gold)

@@ -12,7 +12,7 @@ from typing import Any
 
 from kvdiag.errors import KvdiagError
 from kvdiag.tasks.base import Sample, Task, resolve_data_dir
-from kvdiag.tasks.haystack import PROMPT_ONE, keyword_found, needle_files, needle_samples
+from kvdiag.tasks.haystack import PROMPT_ONE, filled_format, keyword_found, needle_files, needle_samples
 
 
 @dataclass
@@ -20,6 +20,7 @@ class SingleNeedle(Task):
     """Knobs: depth (percent, default 50), case_sensitive, data_dir."""
 
     name = "needle"
+    title = "needle"
     description = "Single needle in a haystack (NeedleBench v2 origin), the low-intensity control"
     metric = "keyword_found"
 
@@ -42,3 +43,8 @@ class SingleNeedle(Task):
 
     def score(self, prediction: str, sample: Sample) -> float:
         return 100.0 if keyword_found(sample.gold[0]["keyword"], prediction, self.case_sensitive) else 0.0
+
+    def answer_text(self, sample: Sample) -> str:
+        """Each needle's answer sentence in its question's requested format, keyword filled in, one per
+        line, in depth order."""
+        return "\n".join(filled_format(g) for g in sample.gold)

@@ -128,6 +128,7 @@ class Text2JSON(Task):
     larger models and longer prompts (keep max_new_tokens ≥ ~40 × n_entities)."""
 
     name = "text2json"
+    title = "Text2JSON"
     description = "Text2JSON-style extraction of N entities x 2 attributes from a long document (IoU metric)"
     metric = "text2json_iou"
 
@@ -217,3 +218,7 @@ def _document(filler: list[str], facts: list[tuple], fractions: list[float]) -> 
         for p in range(0, len(sentences), SENTENCES_PER_PARAGRAPH)
     ]
     return "\n\n".join(paragraphs)
+
+    def answer_text(self, sample: Sample) -> str:
+        """The gold list as JSON (the format the instructions ask for)."""
+        return json.dumps(sample.gold)
