@@ -468,6 +468,13 @@ def test_every_method_runs_the_contract(name, shape):
 
     torch.testing.assert_close(k_ids, expect(keys))
     torch.testing.assert_close(v_ids, expect(values))
+    # a runtime reads the offloaded rows of those ids (fetch_rows) and materializes from them alone
+    from kvdiag.methods.base import fetch_rows
+
+    fetched = fetch_rows(built.offloaded, ids)
+    k_f, v_f = method.materialize(poisoned(built), ids, fetched=fetched)
+    torch.testing.assert_close(k_f, k_ids)
+    torch.testing.assert_close(v_f, v_ids)
     # bytes are measured from the stored tensors, never declared
     from kvdiag.methods.base import stored_nbytes
 

@@ -10,7 +10,7 @@ import torch
 
 from kvdiag.errors import KvdiagError
 from kvdiag.methods._scoring import box_upper_bound_scores, check_int
-from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens
+from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, offloaded_rows
 
 
 @dataclass
@@ -160,11 +160,14 @@ class ArkVale(Method):
             state.cache_tokens = self.n_blocks_selected(built, state.budget_tokens) * self.page_size
         return state
 
-    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        source = built.resident if built.dense else built.offloaded
-        return gather_tokens(source["k"], ids).float(), gather_tokens(source["v"], ids).float()
-
-    # --- helpers ----------------------------------------------------------------------------------
+    def materialize(
+        self, built: Built, ids: torch.Tensor, fetched: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if built.dense:  # everything is resident
+            return gather_tokens(built.resident["k"], ids).float(), gather_tokens(
+                built.resident["v"], ids
+            ).float()
+        return offloaded_rows(built, "k", ids, fetched), offloaded_rows(built, "v", ids, fetched)
 
     def _group(self, n_kv: int) -> int:
         group = self.group_size or n_kv

@@ -333,6 +333,39 @@ def overlay_exact(keys, values, ids, exact_ids, exact_k, exact_v):
     return torch.where(hit[:, :, None], k_exact, keys), torch.where(hit[:, :, None], v_exact, values)
 
 
+def fetch_rows(offloaded: dict[str, Stored], ids: torch.Tensor) -> dict[str, Stored]:
+    """What a runtime reads from host memory for token ids [H_kv, m] (-1 = none, read as token 0):
+    per offloaded tensor, [H_kv, m, d] rows of a per-head tensor [H_kv, L, d], or the H_kv·m stored
+    rows (head-major: row j·m + i is head j's i-th id) of a QuantizedTensor laid out as rows of all
+    heads' channels (a token's row is read whole: its quantization mixes the heads)."""
+    safe = ids.clamp_min(0).long()
+    out = {}
+    for name, x in offloaded.items():
+        if isinstance(x, QuantizedTensor):
+            out[name] = x.take_rows(safe.reshape(-1).to(x.codes.device))
+        else:
+            out[name] = x.gather(1, safe.to(x.device)[:, :, None].expand(-1, -1, x.shape[-1]))
+    return out
+
+
+def offloaded_rows(built: Built, name: str, ids: torch.Tensor, fetched: dict | None = None) -> torch.Tensor:
+    """The offloaded payload `name` at token ids [H_kv, m], as stored then decoded: [H_kv, m, d]
+    float32 (-1 ids give zeros). From `fetched` (`fetch_rows` of these ids, what a runtime brought
+    from host memory) when given, else read from `built.offloaded`."""
+    if fetched is None:
+        fetched = fetch_rows({name: built.offloaded[name]}, ids)
+    rows = fetched[name]
+    if isinstance(rows, QuantizedTensor):
+        from kvdiag.quant import get_quantizer
+
+        h, m = ids.shape
+        flat = get_quantizer(rows.spec).dequantize(rows).float().reshape(h, m, built.n_kv_heads, -1)
+        out = flat[torch.arange(h), :, torch.arange(h)]  # head j's part of head j's rows: [H_kv, m, d]
+    else:
+        out = rows.float()
+    return out.to(ids.device).masked_fill((ids < 0).to(ids.device)[:, :, None], 0)
+
+
 def all_token_ids(n_kv_heads: int, n_tokens: int, device=None) -> torch.Tensor:
     """[H_kv, L] the ids of every prompt token, per KV head (for the dense view)."""
     return torch.arange(n_tokens, device=device).expand(n_kv_heads, -1)
@@ -461,8 +494,13 @@ class Method(ABC):
         score -inf (the rules in `kvdiag.kernels.naive` take n_valid for that)."""
 
     @abstractmethod
-    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, v) [H_kv, m, d] fp32: what attention sees for token ids [H_kv, m] (-1 = zeros)."""
+    def materialize(
+        self, built: Built, ids: torch.Tensor, fetched: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) [H_kv, m, d] fp32: what attention sees for token ids [H_kv, m] (-1 = zeros).
+
+        Offloaded rows come from `fetched` (`fetch_rows(built.offloaded, ids)`, what a runtime read
+        from host memory) when given, else from `built.offloaded`: read them with `offloaded_rows`."""
 
     @property
     def block_size(self) -> int:

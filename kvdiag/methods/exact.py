@@ -41,7 +41,9 @@ class Exact(Method):
     def score_batch(self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
         return q.new_zeros(q.shape[0], q.shape[1], batch.rows[0].n_kv_heads, 0, dtype=torch.float32)
 
-    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def materialize(
+        self, built: Built, ids: torch.Tensor, fetched: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return gather_tokens(built.resident["k"], ids).float(), gather_tokens(
             built.resident["v"], ids
         ).float()

@@ -10,7 +10,16 @@ import torch
 
 from kvdiag.errors import KvdiagError
 from kvdiag.methods._scoring import check_float, check_int
-from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, ids_ascending
+from kvdiag.methods.base import (
+    Built,
+    BuiltBatch,
+    DecodeState,
+    LayerKV,
+    Method,
+    gather_tokens,
+    ids_ascending,
+    offloaded_rows,
+)
 
 
 def skewing_matrices(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -209,6 +218,11 @@ class InfiniGen(Method):
         ids = ids_ascending(torch.where(rank < n_keep[:, :, None, None], order, -1))
         return self._finish(batch, states, ids, always)
 
-    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        source = built.resident if built.dense else built.offloaded
-        return gather_tokens(source["k"], ids).float(), gather_tokens(source["v"], ids).float()
+    def materialize(
+        self, built: Built, ids: torch.Tensor, fetched: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if built.dense:  # everything is resident
+            return gather_tokens(built.resident["k"], ids).float(), gather_tokens(
+                built.resident["v"], ids
+            ).float()
+        return offloaded_rows(built, "k", ids, fetched), offloaded_rows(built, "v", ids, fetched)

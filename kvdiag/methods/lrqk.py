@@ -9,7 +9,16 @@ import torch
 
 from kvdiag.errors import KvdiagError
 from kvdiag.methods._scoring import check_choice, check_float, check_int
-from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, stack_padded
+from kvdiag.methods.base import (
+    Built,
+    BuiltBatch,
+    DecodeState,
+    LayerKV,
+    Method,
+    gather_tokens,
+    offloaded_rows,
+    stack_padded,
+)
 
 INITS = ("topcol", "top", "randn")
 
@@ -293,7 +302,7 @@ class LRQK(Method):
     def always_kept(self, built: Built, state: DecodeState) -> torch.Tensor:
         return torch.arange(built.info["n_old"], built.n_tokens).expand(built.n_kv_heads, -1)
 
-    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return gather_tokens(built.offloaded["k"], ids).float(), gather_tokens(
-            built.offloaded["v"], ids
-        ).float()
+    def materialize(
+        self, built: Built, ids: torch.Tensor, fetched: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return offloaded_rows(built, "k", ids, fetched), offloaded_rows(built, "v", ids, fetched)

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from kvdiag.methods._scoring import softmax_max_scores
-from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens
+from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, offloaded_rows
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Oracle(Method):
         k = batch.inputs["k"].to(q.device)
         return softmax_max_scores(q, k, batch.rows[0].scaling, n_valid=batch.n_blocks)
 
-    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return gather_tokens(built.resident["k"], ids).float(), gather_tokens(
-            built.offloaded["v"], ids
-        ).float()
+    def materialize(
+        self, built: Built, ids: torch.Tensor, fetched: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return gather_tokens(built.resident["k"], ids).float(), offloaded_rows(built, "v", ids, fetched)

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from kvdiag.methods._scoring import box_upper_bound_scores, check_int
-from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens
+from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, offloaded_rows
 
 
 @dataclass
@@ -93,6 +93,11 @@ class Quest(Method):
         n_pages = -(-built.n_tokens // self.page)
         return min(max(self.min_pages, budget_tokens // self.page), n_pages)
 
-    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        source = built.resident if built.dense else built.offloaded
-        return gather_tokens(source["k"], ids).float(), gather_tokens(source["v"], ids).float()
+    def materialize(
+        self, built: Built, ids: torch.Tensor, fetched: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if built.dense:  # everything is resident
+            return gather_tokens(built.resident["k"], ids).float(), gather_tokens(
+                built.resident["v"], ids
+            ).float()
+        return offloaded_rows(built, "k", ids, fetched), offloaded_rows(built, "v", ids, fetched)

@@ -22,7 +22,16 @@ from kvdiag.methods._scoring import (
     softmax_max_scores,
     store_rows,
 )
-from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, overlay_exact
+from kvdiag.methods.base import (
+    Built,
+    BuiltBatch,
+    DecodeState,
+    LayerKV,
+    Method,
+    gather_tokens,
+    offloaded_rows,
+    overlay_exact,
+)
 
 
 def chunk_landmarks(k_post: torch.Tensor, chunk: int, n_chunks: int, n_outliers: int):
@@ -215,7 +224,9 @@ class ShadowKV(Method):
         outliers = built.resident["outlier_ids"].long()
         return torch.cat([outliers, self._local_ids(built).to(outliers.device)], dim=1)
 
-    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def materialize(
+        self, built: Built, ids: torch.Tensor, fetched: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         res = built.resident
         safe = ids.clamp_min(0).long()
         if built.info["rank"]:
@@ -225,7 +236,7 @@ class ShadowKV(Method):
             pre = load_token_rows(res["keys"], ids, built.n_kv_heads)
         cos, sin = built.rope
         keys = apply_rope(pre, cos.float()[safe], sin.float()[safe]).float()
-        values = gather_tokens(built.offloaded["v"], ids).float()
+        values = offloaded_rows(built, "v", ids, fetched)
         # outlier and local tokens are exact on the GPU
         exact_ids = self.always_kept(built, None)
         exact_k = torch.cat([res["outlier_k"], res["local_k"]], dim=1).float()

@@ -8,7 +8,16 @@ from typing import ClassVar
 import torch
 
 from kvdiag.methods._scoring import check_int
-from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, resolve_budget
+from kvdiag.methods.base import (
+    Built,
+    BuiltBatch,
+    DecodeState,
+    LayerKV,
+    Method,
+    gather_tokens,
+    offloaded_rows,
+    resolve_budget,
+)
 
 
 @dataclass
@@ -80,7 +89,7 @@ class StreamingLLM(Method):
     def entry_bytes(self, built: Built) -> float:
         return 0.0  # nothing is fetched: what is not kept is evicted
 
-    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return gather_tokens(built.offloaded["k"], ids).float(), gather_tokens(
-            built.offloaded["v"], ids
-        ).float()
+    def materialize(
+        self, built: Built, ids: torch.Tensor, fetched: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return offloaded_rows(built, "k", ids, fetched), offloaded_rows(built, "v", ids, fetched)

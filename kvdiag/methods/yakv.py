@@ -15,13 +15,12 @@ from kvdiag.methods._scoring import (
     check_int,
     check_quant_spec,
     load_rows,
-    load_token_rows,
     mean_query_scores,
     numerics_of,
     softmax_max_scores,
     store_rows,
 )
-from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, overlay_exact
+from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, offloaded_rows, overlay_exact
 
 RULES = ("softmax_max", "mean_query")
 DEFAULT_KV_QUANT = {"softmax_max": "higgs:EDEN2-256:row", "mean_query": "fp8_e4m3"}
@@ -230,10 +229,12 @@ class YAKV(Method):
     def always_fetched(self, built: Built) -> bool:
         return not self.simulator
 
-    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def materialize(
+        self, built: Built, ids: torch.Tensor, fetched: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n_kv = built.n_kv_heads
-        keys = load_token_rows(built.offloaded["k"], ids, n_kv)  # [H_kv, m, d]
-        values = load_token_rows(built.offloaded["v"], ids, n_kv)
+        keys = offloaded_rows(built, "k", ids, fetched)  # [H_kv, m, d]
+        values = offloaded_rows(built, "v", ids, fetched)
         safe = ids.clamp_min(0).long()
         cos, sin = built.rope
         if self.center:
