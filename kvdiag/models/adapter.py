@@ -209,7 +209,6 @@ def batched_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]]):
     from transformers import DynamicCache
 
     n_layers = len(rows[0])
-    s0 = max(kv[0][0].shape[1] for kv in rows)
     try:
         cache = DynamicCache(config=model.config)
     except TypeError:  # older signatures
@@ -217,6 +216,7 @@ def batched_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]]):
     for layer in range(n_layers):
         k0, _ = rows[0][layer]
         h_kv, _, d = k0.shape
+        s0 = max(kv[layer][0].shape[1] for kv in rows)
         keys = k0.new_zeros(len(rows), h_kv, s0, d)
         values = k0.new_zeros(len(rows), h_kv, s0, d)
         for b, kv in enumerate(rows):
@@ -224,4 +224,42 @@ def batched_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]]):
             keys[b, :, s0 - k.shape[1] :] = k
             values[b, :, s0 - v.shape[1] :] = v
         cache.update(keys, values, layer)
+    return cache
+
+
+def offload_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]], offloaded_layers: set[int]):
+    """Like `batched_cache`, but the layers in `offloaded_layers` keep no prompt keys/values on the GPU:
+    they store only the tokens that arrive after the prompt and report the prompt's length as cached,
+    so that masks, positions and sequence lengths are what a full cache gives. Their attention call
+    then receives the tail only (the offload runtime supplies the prompt part)."""
+    from transformers.cache_utils import DynamicLayer
+
+    cache = batched_cache(model, [[kv if i not in offloaded_layers else (kv[0][:, :0], kv[1][:, :0])
+                                   for i, kv in enumerate(row)] for row in rows])  # fmt: skip
+    s0 = max(row[0][0].shape[1] for row in rows)
+
+    class PromptOffloadedLayer(DynamicLayer):
+        """A full-attention layer whose prompt part lives elsewhere (host memory, a method's index)."""
+
+        prompt_length = s0
+
+        def get_seq_length(self) -> int:
+            stored = (
+                0
+                if not self.is_initialized or self.keys is None or not self.keys.numel()
+                else self.keys.shape[-2]
+            )
+            return self.prompt_length + stored
+
+        def get_mask_sizes(self, query_length, *args, **kwargs):
+            if isinstance(query_length, torch.Tensor):  # older signature: cache_position
+                query_length = query_length.shape[0]
+            return self.get_seq_length() + query_length, 0
+
+    for i in offloaded_layers:
+        layer = PromptOffloadedLayer()
+        k0, _ = rows[0][i]
+        empty = k0.new_zeros(len(rows), k0.shape[0], 0, k0.shape[2])
+        layer.lazy_initialization(empty, empty)
+        cache.layers[i] = layer
     return cache

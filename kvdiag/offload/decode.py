@@ -71,9 +71,18 @@ def greedy_decode(
     budget: float | int | Sequence | None = None,
     layers="all",
     keep_logits: bool = False,
+    engine: str = "simulator",
+    backend: str = "torch",
+    kernels: bool = True,
 ) -> DecodeResult:
     """Greedy decoding of a batch of prefilled prompts (exact, or `method` at `budget`: a fraction of
-    each row's indexed prompt, or tokens; a list gives each row its own)."""
+    each row's indexed prompt, or tokens; a list gives each row its own).
+
+    engine: "simulator" (`kvdiag.offload.simulate`, dense views, the reference) or "runtime"
+    (`kvdiag.offload.runtime`: the payload in host memory, the method layers' prompt K/V not in the
+    GPU cache; backend / kernels as `offload`)."""
+    if engine not in ("simulator", "runtime"):
+        raise KvdiagError(f"engine {engine!r} is unknown; use 'simulator' or 'runtime'")
     if not prefills:
         raise KvdiagError("greedy_decode needs at least one prefilled prompt")
     if max_new_tokens < 1:
@@ -87,9 +96,14 @@ def greedy_decode(
             raise KvdiagError(f"a prefill lacks layers {missing}: prefill with every layer captured")
     lens = [t.n_tokens for t in traces]
     s0, n_rows = max(lens), len(traces)
-    cache = adapter.batched_cache(
-        model, [[(t.k_post(i).to(device), t.v(i).to(device)) for i in range(n_layers)] for t in traces]
-    )
+    rows = [[(t.k_post(i).to(device), t.v(i).to(device)) for i in range(n_layers)] for t in traces]
+    from kvdiag.offload.runtime import offload, offloaded_layers
+
+    if method is not None and engine == "runtime":
+        cache = adapter.offload_cache(model, rows, offloaded_layers(model, layers))
+    else:
+        cache = adapter.batched_cache(model, rows)
+    del rows
     mask = torch.zeros(n_rows, s0 + 1, dtype=torch.long, device=device)
     for b, n in enumerate(lens):
         mask[b, s0 - n :] = 1
@@ -103,11 +117,12 @@ def greedy_decode(
 
     from kvdiag.offload.simulate import simulate
 
-    context = (
-        simulate(model, method, budget, layers=layers, prompt_traces=traces)
-        if method is not None
-        else contextlib.nullcontext()
-    )
+    if method is None:
+        context = contextlib.nullcontext()
+    elif engine == "runtime":
+        context = offload(model, method, budget, traces, layers=layers, backend=backend, kernels=kernels)
+    else:
+        context = simulate(model, method, budget, layers=layers, prompt_traces=traces)
     steps, kept = 0, []
     with torch.inference_mode(), context as sim:
         for _ in range(max_new_tokens):
