@@ -129,7 +129,8 @@ class RuntimeState:
                 from kvdiag.offload.fast import fast_path_for
 
                 fast = fast_path_for(method, builts, states, device)
-            self.per_layer[layer] = RuntimeLayer(builts, method.stack(builts), states, fast)
+            batch = fast.batch if fast is not None else method.stack(builts)
+            self.per_layer[layer] = RuntimeLayer(builts, batch, states, fast)
         return self.per_layer[layer]
 
     def gpu_resident_bytes(self) -> int:
