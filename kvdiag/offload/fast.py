@@ -69,8 +69,9 @@ class YAKVRuntimePath:
                                        "mean_query", validate=False)  # fmt: skip
         return topk_ids(scores, self.k, self.n_scored, k_max=self.k_max, validate=False)
 
-    def step(self, q, tail_k, tail_v, scaling: float, softcap):
-        """q [B, H_q, d], tail [B, H_kv, T, d] -> (BatchSelection, out [B, H_q, d])."""
+    def kernel_step(self, q, tail_k, tail_v, scaling: float, softcap):
+        """The five launches alone (no host sync, CUDA-graph capturable): q [B, H_q, d], tail
+        [B, H_kv, T, d] -> (top-k ids [B, H_kv, K] int32, out [B, H_q, d])."""
         from kvdiag.kernels.decode_attention import sparse_decode_attention
         from kvdiag.kernels.gather import gather_rows
 
@@ -79,6 +80,11 @@ class YAKVRuntimePath:
         sel_k, sel_v = gather_rows((self.k_host, self.v_host), ids)
         out = sparse_decode_attention(q.contiguous(), scale=scaling, softcap=softcap, ids=ids, sel_k=sel_k,
                                       sel_v=sel_v, tail_k=tail_k.contiguous(), tail_v=tail_v.contiguous())  # fmt: skip
+        return top, out
+
+    def step(self, q, tail_k, tail_v, scaling: float, softcap):
+        """`kernel_step`, plus the step's `BatchSelection` (for the runtime's statistics)."""
+        top, out = self.kernel_step(q, tail_k, tail_v, scaling, softcap)
         return self.selection(top), out
 
     def selection(self, top: torch.Tensor):
@@ -132,7 +138,8 @@ class ShadowKVPath:
         keep = (slots >= 0).repeat_interleave(chunk, dim=-1)
         return slots, torch.where(keep, tokens, -1).to(torch.int32)
 
-    def step(self, q, tail_k, tail_v, scaling: float, softcap):
+    def kernel_step(self, q, tail_k, tail_v, scaling: float, softcap):
+        """The launches alone (CUDA-graph capturable) -> (token ids [B, H_kv, K·chunk], out [B, H_q, d])."""
         from kvdiag.kernels.decode_attention import sparse_decode_attention
         from kvdiag.kernels.gather import gather_rows
 
@@ -143,6 +150,11 @@ class ShadowKVPath:
             res_len=self.res_len, ids=ids, sel_v=sel_v, u=self.u, sv=self.sv, cos=self.cos, sin=self.sin,
             tail_k=tail_k.contiguous(), tail_v=tail_v.contiguous(),
         )  # fmt: skip
+        return ids, out
+
+    def step(self, q, tail_k, tail_v, scaling: float, softcap):
+        """`kernel_step`, plus the step's `BatchSelection` (for the runtime's statistics)."""
+        ids, out = self.kernel_step(q, tail_k, tail_v, scaling, softcap)
         always = self.method._always_batch(self.batch, self.states, self.n_kv, q.device)
         return self.method._finish(self.batch, self.states, ids.long()[:, None], always), out
 

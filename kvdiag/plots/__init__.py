@@ -59,6 +59,7 @@ PLOTTERS = {
     "eval": "kvdiag.plots.eval:plot_eval_run",
     "heads": "kvdiag.plots.heads:plot_heads_run",
     "reproduce": "kvdiag.plots:plot_reproduce_run",
+    "bench": "kvdiag.plots.bench:plot_bench_run",
 }
 
 
