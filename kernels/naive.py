@@ -113,7 +113,7 @@ def softmax_max_scores(
     scored -inf.
     numerics "fp32": everything in `dtype` (float32; float64 for high-precision checks). "bf16":
     upstream's arithmetic on a bf16 model (the study's `get_retrieval_position_ids`): bf16 logits (a
-    bf16 matmul, fp32 accumulation), the scale applied in bf16, softmax computed in fp32 and rounded
+    bf16 matmul, fp32 accumulation) divided by 1/scale (= √d) in bf16, softmax computed in fp32 and rounded
     to bf16, the max taken in bf16.
     """
     if numerics not in ("fp32", "bf16"):
@@ -125,7 +125,9 @@ def softmax_max_scores(
     if n_landmarks == 0:
         out = qg.new_zeros(b, qg.shape[1], n_kv, 0, dtype=torch.float32)
         return out if batched else out[0]
-    logits = torch.einsum("bnhgd,bhcd->bnhgc", qg, landmarks.to(work)) * scale  # [B, n, H_kv, G, N]
+    logits = torch.einsum("bnhgd,bhcd->bnhgc", qg, landmarks.to(work))  # [B, n, H_kv, G, N]
+    # upstream divides by √d (in bf16); a multiplication by 1/√d can round differently there
+    logits = logits / (1.0 / scale) if numerics == "bf16" else logits * scale
     valid = valid_blocks(n_valid, n_landmarks, b, logits.device)[..., None, :]  # [B, 1, 1, 1, N]
     logits = logits.masked_fill(~valid, float("-inf"))
     if numerics == "bf16":

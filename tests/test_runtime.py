@@ -137,3 +137,31 @@ def test_yakv_kernel_step_attends_like_the_runtime_reference(prefills):
     assert rt.stats[0]["fetched_bytes_per_step_layer"] == pytest.approx(
         ref.stats[0]["fetched_bytes_per_step_layer"]
     )
+
+
+@pytest.mark.parametrize(
+    "spec", ["yakv", "yakv:rule=mean_query", "shadowkv:rank=16,outlier_chunks=2,local=16", "oracle",
+             "quest:dense_layers=0", "arkvale:page_size=16,group_size=1,n_win_pages=2"],
+)  # fmt: skip
+def test_triton_backend_selects_what_the_torch_rule_selects(spec):
+    """`select(..., backend="triton")` routes the scoring to the kernels: the same tokens as the
+    PyTorch rule (Jaccard ≥ 0.99; the kernels compute in fp32)."""
+    method = parse_method_spec(spec)
+    builts, states = random_builts(method, [300, 217])
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 2, 4, 64, generator=gen)  # 2 rows, 2 decode steps each
+    batch = method.stack(builts)
+    torch_sel = method.select_batch(batch, q, [method.start(b, 0.125) for b in builts], backend="torch")
+    triton_sel = method.select_batch(batch, q, [method.start(b, 0.125) for b in builts], backend="triton")
+    scores = [jaccard(triton_sel.ids[b, n, h], torch_sel.ids[b, n, h])
+              for b in range(2) for n in range(2) for h in range(torch_sel.ids.shape[2])]  # fmt: skip
+    assert min(scores) >= 0.99, (spec, min(scores))
+
+
+def test_triton_backend_is_refused_where_no_kernel_covers_the_rule():
+    from kvdiag.errors import KvdiagError
+
+    method = get_method("arkvale", page_size=16)  # one selection group of all KV heads: no kernel
+    builts, states = random_builts(method, [200])
+    with pytest.raises(KvdiagError, match="no Triton kernel"):
+        method.select(builts[0], torch.randn(1, 4, 64), states[0], backend="triton")

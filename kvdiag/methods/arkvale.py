@@ -10,7 +10,16 @@ import torch
 
 from kvdiag.errors import KvdiagError
 from kvdiag.methods._scoring import box_upper_bound_scores, check_int
-from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, offloaded_rows
+from kvdiag.methods.base import (
+    Built,
+    BuiltBatch,
+    DecodeState,
+    LayerKV,
+    Method,
+    gather_tokens,
+    offloaded_rows,
+    per_step,
+)
 
 
 @dataclass
@@ -139,6 +148,19 @@ class ArkVale(Method):
         scores = box_upper_bound_scores(q, hi, lo, n_valid=batch.n_blocks)  # [B, n, H_q, P]
         scores = scores.reshape(b, n, n_kv // group, group * (n_q // n_kv), -1).mean(dim=3)
         return scores.repeat_interleave(group, dim=2)
+
+    def kernel_scores(
+        self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]
+    ) -> torch.Tensor | None:
+        """Box bounds averaged over each KV head's query heads by `kvdiag.kernels.page_scores`
+        (selection groups of one KV head, the study's configuration; None for wider groups)."""
+        if self._group(batch.rows[0].n_kv_heads) != 1:
+            return None
+        from kvdiag.kernels.page_scores import page_bound_scores
+
+        hi, lo = batch.inputs["box_max"].to(q.device), batch.inputs["box_min"].to(q.device)
+        n = batch.n_blocks.to(device=q.device, dtype=torch.int32)
+        return per_step(lambda qs: page_bound_scores(qs, hi, lo, n, "mean"), q)
 
     def block_starts(self, built: Built) -> torch.Tensor:
         first, last = built.info["first_page"], built.info["last_page"]

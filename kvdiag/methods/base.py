@@ -583,9 +583,23 @@ class Method(ABC):
     def score_with(
         self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState], backend: str
     ) -> torch.Tensor:
-        """Block scores through `backend`: methods whose rule a Triton kernel covers override this to
-        route "triton" there; the default (and "torch") is the PyTorch reference `score_batch`."""
+        """Block scores through `backend`: "torch" is the PyTorch reference `score_batch`; "triton" the
+        method's `kernel_scores` (an error where no kernel covers its rule and storage)."""
+        if backend == "triton":
+            scores = self.kernel_scores(batch, q, states)
+            if scores is None:
+                raise KvdiagError(
+                    f"{self.label()}: no Triton kernel covers this method's scoring; use backend='torch'"
+                )
+            return scores
         return self.score_batch(batch, q, states)
+
+    def kernel_scores(
+        self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]
+    ) -> torch.Tensor | None:
+        """[B, n, H_sel, N] scores from a `kvdiag.kernels` Triton kernel (CUDA, or CPU under
+        TRITON_INTERPRET=1), or None where no kernel covers this method's rule and storage."""
+        return None
 
     def _top_blocks(self, batch: BuiltBatch, scores: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
         """[B, n, H_sel, N] scores, per-row block counts ks [B] -> token ids [B, n, H_sel, K] ascending."""
@@ -661,6 +675,11 @@ class Method(ABC):
             if f.init and getattr(self, f.name) != default:
                 changed.append(f"{f.name}={getattr(self, f.name)}")
         return f"{self.name}:{','.join(changed)}" if changed else self.name
+
+
+def per_step(kernel, q: torch.Tensor) -> torch.Tensor:
+    """Run a one-query-per-row kernel (q [B, H_q, d] -> [B, H, N]) over the n steps of q [B, n, H_q, d]."""
+    return torch.stack([kernel(q[:, i].contiguous()) for i in range(q.shape[1])], dim=1)
 
 
 def check_backend(backend: str) -> None:

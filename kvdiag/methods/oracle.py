@@ -8,7 +8,16 @@ from typing import ClassVar
 import torch
 
 from kvdiag.methods._scoring import softmax_max_scores
-from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, offloaded_rows
+from kvdiag.methods.base import (
+    Built,
+    BuiltBatch,
+    DecodeState,
+    LayerKV,
+    Method,
+    gather_tokens,
+    offloaded_rows,
+    per_step,
+)
 
 
 @dataclass
@@ -46,6 +55,15 @@ class Oracle(Method):
         """[B, n, H_kv, L] selection scores of every prompt token."""
         k = batch.inputs["k"].to(q.device)
         return softmax_max_scores(q, k, batch.rows[0].scaling, n_valid=batch.n_blocks)
+
+    def kernel_scores(self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
+        """The same rule by `kvdiag.kernels.batched_scores` over the exact keys (fp32)."""
+        from kvdiag.kernels.batched_scores import batched_landmark_scores
+
+        k = batch.inputs["k"].to(q.device)
+        n = batch.n_blocks.to(device=q.device, dtype=torch.int32)
+        scale = batch.rows[0].scaling
+        return per_step(lambda qs: batched_landmark_scores(qs, k, n, "softmax_max", scale), q)
 
     def materialize(
         self, built: Built, ids: torch.Tensor, fetched: dict | None = None

@@ -8,7 +8,16 @@ from typing import ClassVar
 import torch
 
 from kvdiag.methods._scoring import box_upper_bound_scores, check_int
-from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, gather_tokens, offloaded_rows
+from kvdiag.methods.base import (
+    Built,
+    BuiltBatch,
+    DecodeState,
+    LayerKV,
+    Method,
+    gather_tokens,
+    offloaded_rows,
+    per_step,
+)
 
 
 @dataclass
@@ -85,6 +94,14 @@ class Quest(Method):
         """[B, n, H_q, P] page scores."""
         hi, lo = batch.inputs["page_max"].to(q.device), batch.inputs["page_min"].to(q.device)
         return box_upper_bound_scores(q, hi, lo, n_valid=batch.n_blocks)
+
+    def kernel_scores(self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
+        """Page bounds per query head by `kvdiag.kernels.page_scores` (fp32)."""
+        from kvdiag.kernels.page_scores import page_bound_scores
+
+        hi, lo = batch.inputs["page_max"].to(q.device), batch.inputs["page_min"].to(q.device)
+        n = batch.n_blocks.to(device=q.device, dtype=torch.int32)
+        return per_step(lambda qs: page_bound_scores(qs, hi, lo, n, "none"), q)
 
     def block_starts(self, built: Built) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long) if built.dense else super().block_starts(built)

@@ -31,6 +31,7 @@ from kvdiag.methods.base import (
     gather_tokens,
     offloaded_rows,
     overlay_exact,
+    per_step,
 )
 
 
@@ -216,6 +217,15 @@ class ShadowKV(Method):
         row = batch.rows[0]
         return softmax_max_scores(q, batch.inputs["landmarks"].to(q.device), 1.0 / math.sqrt(row.head_dim),
                                   numerics=row.info["numerics"], n_valid=batch.n_blocks)  # fmt: skip
+
+    def kernel_scores(self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
+        """Softmax-max scores of the chunk landmarks by `kvdiag.kernels.batched_scores` (fp32)."""
+        from kvdiag.kernels.batched_scores import batched_landmark_scores
+
+        landmarks = batch.inputs["landmarks"].to(q.device)
+        n = batch.n_blocks.to(device=q.device, dtype=torch.int32)
+        scale = 1.0 / math.sqrt(batch.rows[0].head_dim)
+        return per_step(lambda qs: batched_landmark_scores(qs, landmarks, n, "softmax_max", scale), q)
 
     def block_starts(self, built: Built) -> torch.Tensor:
         return built.resident["landmark_chunks"].long() * self.chunk

@@ -20,7 +20,17 @@ from kvdiag.methods._scoring import (
     softmax_max_scores,
     store_rows,
 )
-from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method, offloaded_rows, overlay_exact
+from kvdiag.methods.base import (
+    Built,
+    BuiltBatch,
+    DecodeState,
+    LayerKV,
+    Method,
+    offloaded_rows,
+    overlay_exact,
+    per_step,
+    stack_padded,
+)
 
 RULES = ("softmax_max", "mean_query")
 DEFAULT_KV_QUANT = {"softmax_max": "higgs:EDEN2-256:row", "mean_query": "fp8_e4m3"}
@@ -222,6 +232,28 @@ class YAKV(Method):
                 q, landmarks, scale, numerics=row.info["numerics"], n_valid=batch.n_blocks
             )
         return mean_query_scores(q, landmarks, n_valid=batch.n_blocks)
+
+    def kernel_scores(
+        self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState]
+    ) -> torch.Tensor | None:
+        """Scores straight from the resident 2-bit HIGGS codes (`kvdiag.kernels.higgs_scores`), both
+        rules, in fp32 (the PyTorch rule rounds through fp16 dequantization, and bf16 on a bf16 layer)."""
+        if self.residual_meta_chunk or self.center or not self.landmark_quant.startswith("higgs:"):
+            return None
+        from kvdiag.kernels.higgs_scores import higgs_landmark_scores
+        from kvdiag.quant import get_quantizer
+        from kvdiag.quant.grids import load_grid
+
+        stored = [row.resident["landmarks"] for row in batch.rows]
+        device = q.device
+        codes = stack_padded([s.codes for s in stored]).to(device)
+        scales = stack_padded([s.scales[0].float() for s in stored]).to(device)
+        grid = load_grid(get_quantizer(stored[0].spec).grid, device)
+        n_scored = batch.n_blocks.to(device=device, dtype=torch.int32)
+        n_kv = batch.rows[0].n_kv_heads
+        return per_step(
+            lambda qs: higgs_landmark_scores(qs, codes, scales, grid, n_scored, n_kv, self.rule), q
+        )
 
     def always_kept(self, built: Built, state: DecodeState) -> torch.Tensor:
         return torch.arange(built.info["n_scored"], built.n_tokens).expand(built.n_kv_heads, -1)
