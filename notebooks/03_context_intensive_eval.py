@@ -32,8 +32,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from IPython.display import Image, display
 
-from kvdiag.eval.harness import gold_answer_text, run_eval, score_table
+from kvdiag.eval.harness import run_eval, score_table
 from kvdiag.models import load_tokenizer
+from kvdiag.plots import plot_run
 from kvdiag.tasks import get_task
 
 MODEL = "smollm2-135m"
@@ -66,7 +67,7 @@ print(json.dumps(sample.gold, indent=1))
 # Score = Σ / union, ×100.
 
 # %%
-perfect = gold_answer_text("text2json", sample)
+perfect = get_task("text2json").answer_text(sample)
 first, *rest = sample.gold
 wrong_attr = dict(first)
 key = next(k for k in first if k != "name")
@@ -98,6 +99,7 @@ result = run_eval(
     budgets=[0.0625, 0.125], task_knobs=KNOBS, n=2, target_tokens=TOKENS,
     max_new_tokens=48 if SMALL else 96, progress=False,
 )  # fmt: skip
+plot_run(OUT)  # the figures, drawn from the run's tables
 print(f"{result['cells']} cells, {result['seconds']:.0f} s")
 
 # %% [markdown]

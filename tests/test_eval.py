@@ -50,6 +50,9 @@ def lines(path) -> list[dict]:
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "run"
     result = run_eval(**TINY, out=out, methods=["oracle", "streaming:sinks=2"], budgets=[0.0625, 0.25])
+    from kvdiag.plots import plot_run
+
+    plot_run(out)  # what `kvdiag eval` does once a run is complete
     return out, result
 
 
@@ -129,17 +132,13 @@ def test_a_rerun_skips_every_finished_cell(full_run, monkeypatch):
     out, first = full_run
     before = (out / "predictions.jsonl").read_bytes()
     calls = count_generations(monkeypatch)
-    again = run_eval(
-        **TINY, out=out, methods=["oracle", "streaming:sinks=2"], budgets=[0.0625, 0.25], figures=False
-    )
+    again = run_eval(**TINY, out=out, methods=["oracle", "streaming:sinks=2"], budgets=[0.0625, 0.25])
     assert calls == [] and again["new_cells"] == 0 and again["cells"] == first["cells"]
     assert (out / "predictions.jsonl").read_bytes() == before
 
 
 def test_an_interrupted_run_keeps_finished_cells_and_completes(tmp_path, monkeypatch):
-    args = dict(
-        **TINY, out=tmp_path / "run", methods=["oracle"], budgets=[0.25], fidelity=False, figures=False
-    )
+    args = dict(**TINY, out=tmp_path / "run", methods=["oracle"], budgets=[0.25], fidelity=False)
     count_generations(monkeypatch, fail_on=3)
     with pytest.raises(KeyboardInterrupt):
         run_eval(**args)
@@ -153,7 +152,7 @@ def test_an_interrupted_run_keeps_finished_cells_and_completes(tmp_path, monkeyp
 
 
 def test_oracle_at_full_budget_predicts_what_exact_predicts(tmp_path):
-    run_eval(**TINY, out=tmp_path / "run", methods=["oracle"], budgets=[1.0], figures=False)
+    run_eval(**TINY, out=tmp_path / "run", methods=["oracle"], budgets=[1.0])
     table = pd.read_parquet(tmp_path / "run" / "results.parquet")
     rows = lines(tmp_path / "run" / "predictions.jsonl")
     by_method = {
@@ -287,7 +286,7 @@ def test_a_method_may_carry_its_own_budget():
 def test_cells_follow_each_methods_own_budgets(tmp_path):
     out = tmp_path / "run"
     run_eval(**{**TINY, "n": 1}, out=out, methods=["oracle@0.25", "streaming:sinks=2", "oracle@6.25%"],
-             budgets=[0.125], fidelity=False, figures=False)  # fmt: skip
+             budgets=[0.125], fidelity=False)  # fmt: skip
     rows = lines(out / "predictions.jsonl")
     assert sorted((r["method"], r["budget"]) for r in rows) == [
         ("exact", 1.0), ("oracle", 0.0625), ("oracle", 0.25), ("streaming:sinks=2", 0.125)
@@ -352,7 +351,7 @@ def test_a_batch_of_samples_decodes_what_one_at_a_time_does(tmp_path):
     """Batched decoding (prompts of different lengths, left-padded) gives every cell the tokens, scores
     and fetched bytes of decoding its sample alone."""
     args = dict(TINY, task="text2json", target_tokens=1400, methods=["oracle", "yakv:local=8", "shadowkv:rank=8,outlier_chunks=1,local=8"],
-                budgets=[0.25], n=4, fidelity=False, figures=False)  # fmt: skip
+                budgets=[0.25], n=4, fidelity=False)  # fmt: skip
     run_eval(**args, out=tmp_path / "one", batch_size=1)
     run_eval(**args, out=tmp_path / "four", batch_size=4)
     one, four = ({(r["sample_id"], r["method"]): r for r in lines(tmp_path / d / "predictions.jsonl")}

@@ -21,7 +21,7 @@ import kvdiag.eval.harness as harness
 from kvdiag.errors import KvdiagError
 from kvdiag.eval.harness import run_eval
 
-TINY = dict(model="tiny-llama", task="needle", target_tokens=600, max_new_tokens=6, progress=False, figures=False,
+TINY = dict(model="tiny-llama", task="needle", target_tokens=600, max_new_tokens=6, progress=False,
             fidelity=False)  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
 

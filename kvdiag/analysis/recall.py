@@ -342,12 +342,13 @@ def run_recall(model: str, out, methods: Sequence[Method | str] | None = None, b
                layers="all", prompt: str | None = None, prompt_file=None, task: str | None = None,
                n_queries: int = DEFAULT_QUERIES, device: str | None = "cpu", dtype=None,
                max_tokens: int | None = None, chat: bool = False, save_trace: bool = False,
-               figures: bool = True) -> dict:  # fmt: skip
-    """The `kvdiag recall` pipeline: load, capture, `recall_table`, recall.parquet, manifest, figures.
+) -> dict:  # fmt: skip
+    """The `kvdiag recall` pipeline: load, capture, `recall_table`, recall.parquet, manifest (figures:
+    `kvdiag.plots.plot_run(out)`, as the command does).
 
     Inputs (methods, budgets, queries, prompt source) are validated before the model loads, budgets
     against L0 right after tokenising; results are staged and appear in `out` only on success.
-    Returns {"out", "table", "figures", "n_tokens", "n_context", "rows", "seconds"}.
+    Returns {"out", "table", "n_tokens", "n_context", "rows", "seconds"}.
     """
     import time
 
@@ -408,14 +409,9 @@ def run_recall(model: str, out, methods: Sequence[Method | str] | None = None, b
             "rows": len(table), "seconds": round(time.perf_counter() - start, 1), "trace_saved": save_trace,
         }  # fmt: skip
         write_manifest(stage, "recall", config, extra)
-        if figures:
-            from kvdiag.plots.recall import plot_recall_run
-
-            plot_recall_run(stage)
     out = Path(out).expanduser()
     return {
         "out": out, "table": out / "recall.parquet",
-        "figures": sorted((out / "figures").glob("*")) if figures else [],
         "n_tokens": trace.n_tokens, "n_context": info["n_context"], "rows": len(table),
         "seconds": time.perf_counter() - start,
     }  # fmt: skip

@@ -102,12 +102,12 @@ def run_spectrum(
     chat: bool = False,
     n_queries: int = 64,
     center: bool = False,
-    figures: bool = True,
 ) -> dict:
-    """The `kvdiag spectrum` pipeline: load, capture, spectra, low-rank damage, tables, manifest, figures.
+    """The `kvdiag spectrum` pipeline: load, capture, spectra, low-rank damage, tables, manifest
+    (figures: `kvdiag.plots.plot_run(out)`, as the command does).
 
     Inputs are validated before any heavy work; results are staged and moved into `out` only when
-    everything succeeded. Returns {"out", "tables", "figures", "n_tokens", "seconds"}.
+    everything succeeded. Returns {"out", "tables", "n_tokens", "seconds"}.
     """
     import time
 
@@ -140,15 +140,10 @@ def run_spectrum(
             "prompt_source": str(prompt_file) if prompt_file else ("--text" if prompt else "built-in sample"),
         }  # fmt: skip
         write_manifest(stage, "spectrum", config, {"shapes": trace.meta["shapes"]})
-        if figures:
-            from kvdiag.plots.spectrum import plot_spectrum_run
-
-            plot_spectrum_run(stage)
     out = Path(out).expanduser()
     return {
         "out": out,
         "tables": [out / f"{name}.parquet" for name in tables],
-        "figures": sorted((out / "figures").glob("*")) if figures else [],
         "n_tokens": trace.n_tokens,
         "seconds": time.perf_counter() - start,
     }

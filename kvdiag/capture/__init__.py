@@ -7,6 +7,6 @@
 """
 
 from kvdiag.capture.hooks import Recorder, capture, capture_prompt, recording_hooks, resolve_layers
-from kvdiag.capture.trace import Trace
+from kvdiag.capture.trace import LayerKV, Trace
 
-__all__ = ["Recorder", "Trace", "capture", "capture_prompt", "recording_hooks", "resolve_layers"]
+__all__ = ["LayerKV", "Recorder", "Trace", "capture", "capture_prompt", "recording_hooks", "resolve_layers"]

@@ -32,6 +32,46 @@ FIELDS = ("q", "k_pre", "k_post", "v", "attn_out")
 
 
 @dataclass
+class LayerKV:
+    """One attention layer of one prompt (batch 1), as `kvdiag.capture` records it.
+
+    k_pre:   [H_kv, L, d] keys before RoPE (after k_norm where the architecture has one)
+    k_post:  [H_kv, L, d] keys after RoPE (what exact attention uses)
+    v:       [H_kv, L, d] values
+    cos/sin: [L, d] the model's own rotary tables at the prompt positions:
+             `kvdiag.capture.rope.apply_rope(k_pre, cos, sin)` reproduces k_post
+    scaling: softmax scale of the model's attention (1/sqrt(d) for Llama/Qwen)
+    q:       [H_q, L, d] post-RoPE prompt queries, or None (methods that calibrate on prompt
+             queries, LRQK and InfiniGen, need it)
+    """
+
+    k_pre: torch.Tensor
+    k_post: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    scaling: float
+    q: torch.Tensor | None = None
+    layer_idx: int = 0
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.k_post.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.k_post.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_post.shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k_post.dtype
+
+
+@dataclass
 class Trace:
     tensors: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
@@ -76,8 +116,7 @@ class Trace:
         return self.meta["layer_info"][str(layer)]
 
     def layer_kv(self, layer: int, dtype: torch.dtype | None = torch.float32, device=None):
-        """The layer as a `kvdiag.methods.base.LayerKV` (float32 by default, for analyses)."""
-        from kvdiag.methods.base import LayerKV
+        """The layer as a `LayerKV` (float32 by default, for analyses), the methods' input."""
 
         def conv(t):
             return t.to(device=device, dtype=dtype or t.dtype)

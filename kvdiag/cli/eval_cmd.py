@@ -108,6 +108,10 @@ def register(app: typer.Typer) -> None:
                 err=True,
             )
             raise
+        if result["complete"]:
+            from kvdiag.plots import plot_run
+
+            plot_run(result["out"])
         summary = result["scores"]
         columns = ["method", "budget", "n", "score_mean", "score_stderr", "kl_mean", "hit_cap_rate"]
         typer.echo(summary[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))

@@ -86,4 +86,7 @@ def register(app: typer.Typer) -> None:
             f"{result['seconds']:.1f} s"
         )
         typer.echo(f"table:   {result['table']}")
-        typer.echo(f"figures: {result['out'] / 'figures'}/ ({len(result['figures'])} files)")
+        from kvdiag.plots import plot_run
+
+        figures = plot_run(result["out"])
+        typer.echo(f"figures: {result['out'] / 'figures'}/ ({len(figures)} files)")

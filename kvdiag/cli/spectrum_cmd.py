@@ -53,4 +53,7 @@ def register(app: typer.Typer) -> None:
         )  # fmt: skip
         typer.echo(f"{result['n_tokens']} tokens, {result['seconds']:.1f} s")
         typer.echo(f"tables:  {', '.join(str(p) for p in result['tables'])}")
-        typer.echo(f"figures: {result['out'] / 'figures'}/ ({len(result['figures'])} files)")
+        from kvdiag.plots import plot_run
+
+        figures = plot_run(result["out"])
+        typer.echo(f"figures: {result['out'] / 'figures'}/ ({len(figures)} files)")

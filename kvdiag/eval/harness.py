@@ -157,7 +157,7 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
              budgets: Sequence[float | int] = DEFAULT_BUDGETS, task_knobs: dict | None = None, n: int = 4,
              target_tokens: int = 2048, max_new_tokens: int = 256, seed: int = 0, chat: bool | None = None,
              data_dir=None, device: str | None = "cpu", dtype=None, fidelity: bool = True,
-             figures: bool = True, progress: bool = True, shared_prefill: bool = True,
+             progress: bool = True, shared_prefill: bool = True,
              deadline: float | None = None, batch_size: int = 1) -> dict:  # fmt: skip
     """The `kvdiag eval` pipeline (see the module docstring); resumes into an existing `out`.
 
@@ -169,7 +169,8 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     `time.monotonic()` value after which no new cell starts (the run is then partial); batch_size: how
     many samples are decoded together per method × budget (the same tokens as one at a time). Every input is
     validated before the model loads and before anything is written.
-    Returns {"out", "predictions", "table", "figures", "cells", "new_cells", "seconds", "scores",
+    Figures: `kvdiag.plots.plot_run(out)` (the command draws them once a run is complete).
+    Returns {"out", "predictions", "table", "cells", "new_cells", "seconds", "scores",
     "complete"} (cells and new_cells count this call's cells).
     """
     from tqdm.auto import tqdm
@@ -314,13 +315,8 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     seconds = round(time.perf_counter() - start, 1)
     write_manifest(out, "eval", merged["config"], {**extra, "status": "partial" if stopped else "complete",
                                                    "cells": len(table), "new_cells": ran, "seconds_last_run": seconds})  # fmt: skip
-    drawn = []
-    if figures and not stopped:
-        from kvdiag.plots.eval import plot_eval_run
-
-        drawn = plot_eval_run(out)
     return {
-        "out": out, "predictions": out / PREDICTIONS, "table": out / RESULTS, "figures": drawn,
+        "out": out, "predictions": out / PREDICTIONS, "table": out / RESULTS,
         "cells": len(cells), "new_cells": ran, "seconds": time.perf_counter() - start,
         "scores": score_table(table), "complete": not stopped,
     }  # fmt: skip

@@ -48,50 +48,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvdiag.capture.trace import LayerKV  # noqa: F401  (re-exported: the contract's input)
 from kvdiag.errors import KvdiagError
 from kvdiag.quant.base import QuantizedTensor
 
 BACKENDS = ("torch", "triton")
-
-
-@dataclass
-class LayerKV:
-    """One attention layer of one prompt (batch 1), as `kvdiag.capture` records it.
-
-    k_pre:   [H_kv, L, d] keys before RoPE (after k_norm where the architecture has one)
-    k_post:  [H_kv, L, d] keys after RoPE (what exact attention uses)
-    v:       [H_kv, L, d] values
-    cos/sin: [L, d] the model's own rotary tables at the prompt positions:
-             `kvdiag.capture.rope.apply_rope(k_pre, cos, sin)` reproduces k_post
-    scaling: softmax scale of the model's attention (1/sqrt(d) for Llama/Qwen)
-    q:       [H_q, L, d] post-RoPE prompt queries, or None (methods that calibrate on prompt
-             queries, LRQK and InfiniGen, need it)
-    """
-
-    k_pre: torch.Tensor
-    k_post: torch.Tensor
-    v: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    scaling: float
-    q: torch.Tensor | None = None
-    layer_idx: int = 0
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.k_post.shape[0]
-
-    @property
-    def n_tokens(self) -> int:
-        return self.k_post.shape[1]
-
-    @property
-    def head_dim(self) -> int:
-        return self.k_post.shape[2]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k_post.dtype
 
 
 Stored = torch.Tensor | QuantizedTensor

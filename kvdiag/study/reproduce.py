@@ -246,6 +246,10 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
         echo(f"[{number}/{total}] {name}: running ...")
         tic = time.perf_counter()
         finished = run() is not False
+        if finished:  # the stage's figures, drawn from its tables
+            from kvdiag.plots import plot_run
+
+            plot_run(out / name)
         seconds = round(time.perf_counter() - tic, 1)
         timings[name] = seconds if finished else "partial"
         earlier = (
