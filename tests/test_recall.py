@@ -332,3 +332,33 @@ def test_cli_methods_lists_every_method_with_knobs(cli):
             assert f"{knob}={default!r}" in result.output or f"{knob}={default}" in result.output
     rows = json.loads(cli("methods", "--json").output)
     assert [r["name"] for r in rows] == [e["name"] for e in list_methods()]
+
+
+def test_a_gpu_cache_of_fetched_tokens_saves_what_earlier_steps_fetched():
+    """With a cache larger than everything fetched, a step reads only the tokens no earlier step of
+    the same decode chose (written out with sets); without one, every chosen token; reuse_prev is
+    the overlap with the previous step's choice."""
+    trace = make_trace(n_kv=2, group=2, n_tokens=60, seed=11)
+    n_queries, budget = 8, 6
+    warm = recall_table(trace, ["oracle"], [budget], n_queries=n_queries, progress=False, cache_tokens=10_000)
+    cold = recall_table(trace, ["oracle"], [budget], n_queries=n_queries, progress=False, cache_tokens=0)
+    oracle = get_method("oracle")
+    n_ctx = 60 - n_queries
+    for layer in trace.layers:
+        full = trace.layer_kv(layer)
+        built = oracle.build(context_layer(full, n_ctx))
+        seen: list[set[int]] = [set(), set()]
+        previous: list[set[int]] = [set(), set()]
+        for p in range(n_ctx, 60):
+            sel = oracle.select(built, full.q[:, p][None], budget)
+            for h in range(2):
+                chosen = set(sel.ids[0, h].tolist())
+                got_warm = row(warm, "oracle", budget, layer, h, p)
+                got_cold = row(cold, "oracle", budget, layer, h, p)
+                assert got_cold.fetched_tokens == len(chosen)
+                assert got_warm.fetched_tokens == len(chosen - seen[h])
+                assert got_warm.fetched_tokens_cold == len(chosen)
+                if p > n_ctx:
+                    assert got_warm.reuse_prev == pytest.approx(len(chosen & previous[h]) / len(chosen))
+                seen[h] |= chosen
+                previous[h] = chosen

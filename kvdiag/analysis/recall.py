@@ -144,12 +144,15 @@ def _reuse(ids: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
 
 
 def layer_metrics(layer: LayerKV, methods: list[Method], budget_tokens: list[int], positions: torch.Tensor,
-                  softcap: float | None = None, chunk_size: int = 64, on_progress=None) -> list[dict]:  # fmt: skip
+                  softcap: float | None = None, chunk_size: int = 64, on_progress=None,
+                  cache_tokens: int | None = None) -> list[dict]:  # fmt: skip
     """Metric blocks of one layer: one dict per (method, budget), method-major, of arrays [H_kv, N].
 
     layer: the full prompt layer (q required); positions [N] sorted, L0 = positions[0]. The N
     queries are consecutive decode steps of one decode state per (method, budget), in order.
     on_progress(x): called with x = the share of one method's work just done (sums to len(methods)).
+    cache_tokens: a GPU cache of recently fetched tokens of this size per KV head for every method
+    (None: each method's own, e.g. ArkVale's pages; 0: none).
     """
     progress = on_progress or (lambda _x: None)
     n_kv, _, d = layer.k_post.shape
@@ -168,6 +171,9 @@ def layer_metrics(layer: LayerKV, methods: list[Method], budget_tokens: list[int
         keys = torch.cat([k_seen, k_full[:, n_ctx:]], dim=1)  # [H_kv, P, d]
         values = torch.cat([v_seen, v_full[:, n_ctx:]], dim=1)
         states = [method.start(built, k) for k in budget_tokens]
+        if cache_tokens is not None:
+            for state in states:
+                state.cache_tokens = cache_tokens
         cold = [method.start(built, k) for k in budget_tokens]
         for state in cold:
             state.cache_tokens = 0
@@ -251,13 +257,15 @@ def _skip_reason(trace, layer: int, positions: torch.Tensor) -> str | None:
 
 def recall_table(trace, methods: Sequence[Method | str], budgets, layers=None, query_positions=None,
                  progress: bool = True, n_queries: int = DEFAULT_QUERIES, per_position: bool | None = None,
-                 device=None, chunk_size: int = 64) -> pd.DataFrame:  # fmt: skip
+                 device=None, chunk_size: int = 64, cache_tokens: int | None = None) -> pd.DataFrame:  # fmt: skip
     """Recall, attention mass, output error decomposition and bytes of `methods` on a `Trace`.
 
     methods: Method objects or specs ("shadowkv:rank=320"); budgets: fractions of L0 or token counts;
     layers: captured layers to use (default all); query_positions: explicit positions (default the
     last `n_queries`); per_position: one row per query position (True), means over positions
-    (False) or decide by `MAX_ROWS` (None). See the module docstring for the columns.
+    (False) or decide by `MAX_ROWS` (None); cache_tokens: a GPU cache of recently fetched tokens per KV
+    head for every method (None: each method's own; see `layer_metrics`). See the module docstring
+    for the columns.
     """
     methods = resolve_methods(methods)
     labels = [m.label() for m in methods]
@@ -291,7 +299,7 @@ def recall_table(trace, methods: Sequence[Method | str], budgets, layers=None, q
             bar.set_postfix(layer=layer_idx)
             layer = trace.layer_kv(layer_idx, device=device)
             blocks = layer_metrics(layer, methods, budget_tokens, positions, trace.layer_meta(layer_idx).get("softcap"),
-                                   chunk_size, on_progress=bar.update)  # fmt: skip
+                                   chunk_size, on_progress=bar.update, cache_tokens=cache_tokens)  # fmt: skip
             heads = layer.n_kv_heads
             for n, block in enumerate(blocks):
                 i, j = divmod(n, len(budgets))
@@ -342,7 +350,7 @@ def run_recall(model: str, out, methods: Sequence[Method | str] | None = None, b
                layers="all", prompt: str | None = None, prompt_file=None, task: str | None = None,
                n_queries: int = DEFAULT_QUERIES, device: str | None = "cpu", dtype=None,
                max_tokens: int | None = None, chat: bool = False, save_trace: bool = False,
-) -> dict:  # fmt: skip
+               cache_tokens: int | None = None) -> dict:  # fmt: skip
     """The `kvdiag recall` pipeline: load, capture, `recall_table`, recall.parquet, manifest (figures:
     `kvdiag.plots.plot_run(out)`, as the command does).
 
@@ -391,14 +399,16 @@ def run_recall(model: str, out, methods: Sequence[Method | str] | None = None, b
         trace = capture_prompt(net, tokenizer, text, input_ids=input_ids, layers=chosen)
         if save_trace:
             trace.save(stage / "trace")
-        table = recall_table(trace, methods, budgets, n_queries=n_queries, device=device)
+        table = recall_table(
+            trace, methods, budgets, n_queries=n_queries, device=device, cache_tokens=cache_tokens
+        )
         info = table.attrs.pop("recall")
         write_table(table, stage / "recall.parquet")
         config = {
             "model": model, "layers": chosen, "device": device, "dtype": trace.meta["dtype"],
             "n_tokens": trace.n_tokens, "n_context": info["n_context"], "queries": n_queries,
             "query_positions": f"{info['query_positions'][0]}..{info['query_positions'][-1]}",
-            "max_tokens": max_tokens, "chat": chat, "task": task, "prompt_source": source,
+            "max_tokens": max_tokens, "chat": chat, "task": task, "prompt_source": source, "cache_tokens": cache_tokens,
             "prompt_sha256": trace.meta.get("prompt_sha256"), "budgets": info["budgets"],
             "methods": info["methods"],
         }  # fmt: skip

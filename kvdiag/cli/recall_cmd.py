@@ -64,6 +64,11 @@ def register(app: typer.Typer) -> None:
         max_tokens: int = typer.Option(None, "--max-tokens", help="keep only the first N prompt tokens"),
         chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
         save_trace: bool = typer.Option(False, "--save-trace", help="also save the captured trace"),
+        cache_tokens: int = typer.Option(
+            None,
+            "--cache-tokens",
+            help="GPU cache of recently fetched tokens per KV head for every method (default: each method's own)",
+        ),
     ) -> None:
         """Which exact top-k tokens each method attends, how much exact attention mass it keeps and how
         its attention-output error splits into selection loss and key loss, per layer and KV head, with
@@ -79,7 +84,7 @@ def register(app: typer.Typer) -> None:
         result = run_recall(
             model, out, methods=specs, budgets=budget_list, layers=layers, prompt=text,
             prompt_file=prompt_file, task=task, n_queries=queries, device=device, dtype=dtype,
-            max_tokens=max_tokens, chat=chat, save_trace=save_trace,
+            max_tokens=max_tokens, chat=chat, save_trace=save_trace, cache_tokens=cache_tokens,
         )  # fmt: skip
         typer.echo(
             f"{result['n_tokens']} tokens (context {result['n_context']}), {result['rows']} rows, "
