@@ -27,6 +27,7 @@ COLUMNS = [
     "prompt_tokens", "n_facts", "score", "kl_mean", "top1_agree", "gold_logprob_exact",
     "gold_logprob_method", "answer_tokens", "resident_bytes_per_token", "fetched_tokens_per_step",
     "fetched_bytes_per_step", "decode_steps", "tokens_generated", "hit_cap", "wall_s",
+    "attended_tokens_per_step",
 ]  # fmt: skip
 # tiny-llama: 2 KV heads × head_dim 16, bf16 → K+V = 2·16·2·2 bytes per token and layer
 KV_BYTES = 2 * 2 * 16 * 4  # K and V, 2 KV heads, d = 16, fp32 as the tiny model computes
@@ -363,3 +364,19 @@ def test_a_batch_of_samples_decodes_what_one_at_a_time_does(tmp_path):
             assert row[column] == four[key][column], (key, column)
         for column in ("fetched_bytes_per_step", "resident_bytes_per_token"):
             assert row[column] == pytest.approx(four[key][column]), (key, column)
+
+
+def test_attended_tokens_are_counted_and_a_method_over_its_budget_is_flagged(tmp_path, caplog):
+    """StreamingLLM attends exactly its budget; ShadowKV's always-kept local window and outlier chunks
+    make it attend more than 2× a small budget: the table says how many, the run warns."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        run_eval(**TINY, out=tmp_path / "run", methods=["streaming:sinks=2", "shadowkv:rank=8,outlier_chunks=4,local=32"],
+                 budgets=[0.0625], fidelity=False)  # fmt: skip
+    table = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    streaming = table[table.method == "streaming:sinks=2"]
+    assert (streaming.attended_tokens_per_step == streaming.budget_tokens).all()
+    shadow = table[table.method.str.startswith("shadowkv")]
+    assert (shadow.attended_tokens_per_step > 2 * shadow.budget_tokens).all()
+    assert any("shadowkv" in r.message and "attends" in r.message for r in caplog.records)

@@ -328,11 +328,11 @@ def recall_table(trace, methods: Sequence[Method | str], budgets, layers=None, q
     return table
 
 
-def warn_over_budget(table: pd.DataFrame, factor: float = 2.0) -> list[str]:
+def warn_over_budget(table: pd.DataFrame, factor: float = 2.0, column: str = "attended_tokens") -> list[str]:
     """Log (and return) the method × budget cells that attend more than `factor` × their budget: their
     always-kept tokens (local windows, outliers, sinks) dominate, so compare them with the oracle at
     the same attended tokens (err_oracle, recall_gqa here) or plot against attended tokens / bytes."""
-    means = table.groupby(["method", "budget_tokens"], sort=False)["attended_tokens"].mean()
+    means = table.groupby(["method", "budget_tokens"], sort=False)[column].mean()
     lines = []
     for (method, budget), attended in means.items():
         if attended > factor * budget:

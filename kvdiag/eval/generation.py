@@ -106,13 +106,15 @@ def cell_row(cell: Cell, task, tokenizer, new_ids, stats: dict, length: int, max
     if cell.method is None:
         row.update(kl_mean=0.0, top1_agree=1.0, gold_logprob_exact=None, gold_logprob_method=None,
                    answer_tokens=None, resident_bytes_per_token=exact_bytes, fetched_tokens_per_step=0.0,
-                   fetched_bytes_per_step=0.0, decode_steps=max(n_new - 1, 0))  # fmt: skip
+                   fetched_bytes_per_step=0.0, decode_steps=max(n_new - 1, 0),
+                   attended_tokens_per_step=float(length - 1))  # fmt: skip
     else:
         row.update(fid or no_fidelity())
         row.update(resident_bytes_per_token=stats.get("resident_bytes_per_token_layer", math.nan),
                    fetched_tokens_per_step=stats.get("fetched_tokens_per_step_layer", math.nan),
                    fetched_bytes_per_step=stats.get("fetched_bytes_per_step_layer", math.nan),
-                   decode_steps=stats.get("decode_steps", 0))  # fmt: skip
+                   decode_steps=stats.get("decode_steps", 0),
+                   attended_tokens_per_step=stats.get("attended_tokens_per_step_layer", math.nan))  # fmt: skip
     return row
 
 

@@ -312,6 +312,10 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
 
     table = results_table(read_predictions(out))  # every cell of the run, this call's and earlier ones
     write_table(table, out / RESULTS)
+    from kvdiag.analysis.recall import warn_over_budget
+
+    warn_over_budget(table[table.method != EXACT].dropna(subset=["attended_tokens_per_step"]),
+                     column="attended_tokens_per_step")  # fmt: skip
     seconds = round(time.perf_counter() - start, 1)
     write_manifest(out, "eval", merged["config"], {**extra, "status": "partial" if stopped else "complete",
                                                    "cells": len(table), "new_cells": ran, "seconds_last_run": seconds})  # fmt: skip

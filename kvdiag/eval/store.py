@@ -30,6 +30,7 @@ RESULT_COLUMNS = [
     "prompt_tokens", "n_facts", "score", "kl_mean", "top1_agree", "gold_logprob_exact",
     "gold_logprob_method", "answer_tokens", "resident_bytes_per_token", "fetched_tokens_per_step",
     "fetched_bytes_per_step", "decode_steps", "tokens_generated", "hit_cap", "wall_s",
+    "attended_tokens_per_step",
 ]  # fmt: skip
 
 

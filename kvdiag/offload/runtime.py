@@ -45,6 +45,7 @@ from kvdiag.capture import resolve_layers
 from kvdiag.errors import KvdiagError
 from kvdiag.methods.base import BACKENDS, Built, Method, fetch_rows, stored_nbytes
 from kvdiag.models import adapter
+from kvdiag.offload.accounting import DecodeCounters
 from kvdiag.quant.base import QuantizedTensor
 
 
@@ -102,8 +103,7 @@ class RuntimeState:
     backend: str = "torch"
     kernels: bool = True
     per_layer: dict = field(default_factory=dict)
-    queries: torch.Tensor | None = None  # [B] decode queries seen, summed over layers
-    fetched_entries: torch.Tensor | None = None  # [B] (KV head, token) entries the method must fetch
+    counters: DecodeCounters = field(default_factory=DecodeCounters)
     rows_read: int = 0  # host rows actually read by the PyTorch path (its own accounting)
     fast_steps: int = 0  # layer-steps served by the kernel path
 
@@ -151,22 +151,9 @@ class RuntimeState:
         )
 
     def row_stats(self, b: int) -> dict:
-        if self.queries is None or not int(self.queries[b]):
-            return {"decode_steps": 0}
-        queries, entries = int(self.queries[b]), float(self.fetched_entries[b])
-        layers = list(self.per_layer.values())
-        n_kv = layers[0].builts[b].n_kv_heads
-        entry_bytes = sum(self.method.entry_bytes(rl.builts[b]) for rl in layers) / len(layers)
-        resident = [self.method.resident_bytes(rl.builts[b], rl.states[b]) for rl in layers]
-        return {
-            "prompt_tokens": self.prompt_lens[b],
-            "budget_tokens": self.row_budget(b),
-            "decode_steps": queries // len(layers),
-            "fetched_tokens_per_step_layer": entries / queries / n_kv,
-            "fetched_bytes_per_step_layer": entries / queries * entry_bytes,
-            "resident_bytes_per_token_layer": sum(resident) / len(resident) / self.prompt_lens[b],
-            "simulated_layers": sorted(self.per_layer),
-        }
+        layers = [(rl.builts[b], rl.states[b], b) for rl in self.per_layer.values()]
+        out = self.counters.row_stats(self.method, layers, self.prompt_lens[b], self.row_budget(b))
+        return {**out, "simulated_layers": sorted(self.per_layer)} if layers else out
 
     def stats(self) -> dict:
         out = self.row_stats(0)
@@ -175,12 +162,7 @@ class RuntimeState:
 
 
 def _count(state: RuntimeState, sel, t: int) -> None:
-    entries = sel.fetched_entries().sum(dim=(1, 2))
-    if state.queries is None:
-        state.queries = torch.zeros(len(state.traces), dtype=torch.long, device=entries.device)
-        state.fetched_entries = torch.zeros(len(state.traces), device=entries.device)
-    state.queries += t
-    state.fetched_entries += entries
+    state.counters.add(sel, t)
 
 
 def _attended_ids(mask: torch.Tensor, n_kv: int) -> torch.Tensor:

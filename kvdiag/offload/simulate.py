@@ -39,6 +39,7 @@ from kvdiag.capture import Recorder, recording_hooks, resolve_layers
 from kvdiag.errors import KvdiagError
 from kvdiag.methods.base import Method, resolve_budget
 from kvdiag.models import adapter
+from kvdiag.offload.accounting import DecodeCounters
 
 
 @dataclass
@@ -63,8 +64,7 @@ class SimulationState:
     recorder: Recorder
     traces: list = field(default_factory=list)
     per_layer: dict = field(default_factory=dict)
-    queries: torch.Tensor | None = None  # [B] decode queries seen, summed over layers
-    fetched_entries: torch.Tensor | None = None  # [B] fetched (KV head, token) entries, summed
+    counters: DecodeCounters = field(default_factory=DecodeCounters)
 
     # --- prompts --------------------------------------------------------------------------------
 
@@ -73,7 +73,7 @@ class SimulationState:
         self.recorder.reset()
         self.traces = []
         self.per_layer.clear()
-        self.queries = self.fetched_entries = None
+        self.counters = DecodeCounters()
 
     def load_prompts(self, traces: Sequence) -> None:
         """Take the prompts from Traces of earlier prefills (one per batch row, all the layers the
@@ -137,21 +137,9 @@ class SimulationState:
     def row_stats(self, b: int) -> dict:
         """Decode statistics of batch row b: tokens fetched per KV head, and bytes fetched (all KV heads),
         per decode step and layer (means over steps × layers), decode steps, resident bytes per token."""
-        if self.queries is None or not int(self.queries[b]):
-            return {"decode_steps": 0}
-        queries, entries = int(self.queries[b]), float(self.fetched_entries[b])
-        n_layers = max(len(self.per_layer), 1)
-        n_kv = next(iter(self.per_layer.values())).builts[b].n_kv_heads
-        entry_bytes = sum(self.method.entry_bytes(ls.builts[b]) for ls in self.per_layer.values()) / n_layers
-        return {
-            "prompt_tokens": self.prompt_lens[b],
-            "budget_tokens": self.row_budget(b),
-            "decode_steps": queries // n_layers,
-            "fetched_tokens_per_step_layer": entries / queries / n_kv,  # per KV head
-            "fetched_bytes_per_step_layer": entries / queries * entry_bytes,
-            "resident_bytes_per_token_layer": self.resident_bytes_per_token()[b],
-            "simulated_layers": sorted(self.per_layer),
-        }
+        layers = [(ls.builts[b], ls.states[b], b) for ls in self.per_layer.values()]
+        out = self.counters.row_stats(self.method, layers, self.prompt_lens[b], self.row_budget(b))
+        return {**out, "simulated_layers": sorted(self.per_layer)} if layers else out
 
     def stats(self) -> dict:
         """`row_stats` of a one-prompt simulation (batch row 0)."""
@@ -184,12 +172,7 @@ def _decode_attention(state: SimulationState, module, query, key, value) -> torc
     s = key.shape[2]
     q = query.float().transpose(1, 2)  # [B, T, H_q, d]
     sel = state.method.select_batch(ls.batch, q, ls.states)
-    entries = sel.fetched_entries().sum(dim=(1, 2))  # [B], stays on the device (no sync per layer)
-    if state.queries is None:
-        state.queries = torch.zeros(n_rows, dtype=torch.long, device=entries.device)
-        state.fetched_entries = torch.zeros(n_rows, device=entries.device)
-    state.queries += t
-    state.fetched_entries += entries
+    state.counters.add(sel, t)
     mask = _cache_mask(sel.mask(), lens, s0)  # [B, T, H_sel, S0]
     if sel.per_query_head:
         prompt_mask = mask.transpose(1, 2)  # [B, H_q, T, S0]
