@@ -169,6 +169,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     Returns {"out", "report" (None until complete), "stages": {name: seconds or a word}, "seconds",
     "complete", "remaining"}.
     """
+    from kvdiag.eval.distributed import barrier, from_main, rank_device, ranks
     from kvdiag.eval.harness import _context_length
     from kvdiag.eval.store import check_out
     from kvdiag.methods import check_budget
@@ -193,6 +194,9 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     for b in config.recall_sweep:
         check_budget(b)
     device = resolve_device(device)
+    me = ranks(device)  # under torchrun: eval stages are sharded, the others run on rank 0
+    if not me.main:
+        echo = _silent
     out = Path(out).expanduser()
     check_out(out)
     _context_length(model)  # an unknown model name fails here, with did-you-mean help
@@ -218,34 +222,48 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     wanted: dict[str, dict] = {}  # stage -> its config in this call
 
     def save(status: str, **extra) -> None:
-        write_manifest(out, "reproduce", top, {"stages": records, "status": status, **extra})
+        if me.main:
+            write_manifest(out, "reproduce", top, {"stages": records, "status": status, **extra})
 
+    barrier(me, f"after reading {out / 'manifest.json'}")
     save("running")
     total = len(stage_names)
 
-    def stage(name: str, stage_config: dict, artefact: str, run) -> None:
-        number = stage_names.index(name) + 1
-        wanted[name] = stage_config
+    def skip_reason(name: str, stage_config: dict, artefact: str) -> str | None:
         record = records.get(name, {})
         if (
             record.get("status") == "complete"
             and record.get("config") == stage_config
             and (out / name / artefact).exists()
         ):
-            echo(f"[{number}/{total}] {name}: already in {out / name}, skipped")
-            timings[name] = "skipped"
-            return
+            return "skipped"
         if name not in selected:
-            echo(f"[{number}/{total}] {name}: not selected, left for a later run")
-            timings[name] = "not selected"
-            return
+            return "not selected"
         if deadline is not None and time.monotonic() >= deadline:
-            echo(f"[{number}/{total}] {name}: time budget spent, left for the next run")
-            timings[name] = "not started"
+            return "not started"
+        return None
+
+    skip_lines = {"skipped": "already in {where}, skipped", "not selected": "not selected, left for a later run",
+                  "not started": "time budget spent, left for the next run"}  # fmt: skip
+
+    def stage(name: str, stage_config: dict, artefact: str, run, every_rank: bool = False) -> None:
+        """Run one stage unless it is done, not selected or past the deadline (rank 0 decides for all
+        ranks); an eval stage (every_rank) runs on every rank, the others on rank 0 while the rest wait."""
+        number = stage_names.index(name) + 1
+        wanted[name] = stage_config
+        record = records.get(name, {})
+        reason = from_main(
+            me, skip_reason(name, stage_config, artefact) if me.main else None, f"before {name}"
+        )
+        if reason is not None:
+            echo(f"[{number}/{total}] {name}: " + skip_lines[reason].format(where=out / name))
+            timings[name] = reason
             return
         echo(f"[{number}/{total}] {name}: running ...")
         tic = time.perf_counter()
-        finished = run() is not False
+        finished = (run() is not False) if every_rank or me.main else None
+        if not every_rank:
+            finished = from_main(me, finished, f"after {name} (rank 0 runs it)")
         seconds = round(time.perf_counter() - tic, 1)
         timings[name] = seconds if finished else "partial"
         earlier = (
@@ -271,7 +289,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     from kvdiag.analysis.spectrum import run_spectrum
 
     stage("spectrum", analysis, "manifest.json", lambda: run_spectrum(
-        model, out / "spectrum", prompt=text(), device=device, max_tokens=config.analysis_tokens))  # fmt: skip
+        model, out / "spectrum", prompt=text(), device=rank_device(device, me), max_tokens=config.analysis_tokens))  # fmt: skip
 
     from kvdiag.analysis.recall import run_recall
 
@@ -286,7 +304,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
                      "methods": [m.label() for m in recall_methods], "budgets": recall_budgets}  # fmt: skip
     stage("recall", recall_config, "recall.parquet", lambda: run_recall(
         model, out / "recall", methods=recall_methods, budgets=recall_budgets, layers=layers, prompt=text(),
-        n_queries=config.recall_queries, device=device, max_tokens=config.analysis_tokens))  # fmt: skip
+        n_queries=config.recall_queries, device=rank_device(device, me), max_tokens=config.analysis_tokens))  # fmt: skip
 
     from kvdiag.eval.harness import run_eval
 
@@ -301,7 +319,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
             budgets=[], task_knobs=plan.knobs, n=plan.n, target_tokens=plan.target_tokens,
             max_new_tokens=plan.max_new_tokens, data_dir=data_dir if _reads_data(plan.task) else None,
             device=device, fidelity=config.fidelity, progress=progress, deadline=deadline,
-            batch_size=config.batch_size)["complete"])  # fmt: skip
+            batch_size=config.batch_size, idle_ranks_ok=True)["complete"], every_rank=True)  # fmt: skip
 
     remaining = [
         name for name in stage_names
@@ -324,15 +342,20 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
             "recall_roles": roles_of(study_methods(family, config.analysis_tokens if config.scale_outliers else None)),
             "outlier_chunks": {p.task: study_methods(family, p.target_tokens if config.scale_outliers else None)[0]
                                .method.outlier_chunks for p in plans}}  # fmt: skip
-    report = write_report(out, info)
+    report = write_report(out, info) if me.main else None
+    report = from_main(me, report, "after the report (rank 0 writes it)")
     seconds = round(time.perf_counter() - start, 1)
     save("complete", seconds_last_run=seconds)
     echo(f"report: {report}")
-    if figures_dir is not None:
+    if figures_dir is not None and me.main:
         exported = export_report(out, figures_dir)
         echo(f"exported report, findings and {len(exported) - 1} more files to {figures_dir}")
     return {"out": out, "report": report, "stages": timings, "seconds": seconds, "complete": True,
             "remaining": []}  # fmt: skip
+
+
+def _silent(line: str) -> None:
+    """The progress lines of ranks other than 0 (rank 0 prints them)."""
 
 
 def _reads_data(task: str) -> bool:
