@@ -47,6 +47,11 @@ Quick mode (`quick_config`), sized for a 2-core CPU in about 15-20 minutes with 
 The GPU mode (`gpu_config`, the default without --quick) runs 20-50 samples per task on 12K-16K-token
 prompts, LongProc's real pages, all layers; see `kvdiag.study.configs` for it, YAML files and
 `--task-knob task:knob=value` overrides.
+
+Under torchrun (`torchrun --nproc-per-node N --no-python -- kvdiag reproduce ...`) rank 0 decides
+which stages run (and prints), the eval stages share their samples among the ranks
+(`kvdiag.eval.distributed`), and spectrum, recall and the report run on rank 0 while the others wait:
+the same run directory as one process writes, with the eval cells split N ways.
 """
 
 from __future__ import annotations
@@ -229,22 +234,16 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     save("running")
     total = len(stage_names)
 
-    def skip_reason(name: str, stage_config: dict, artefact: str) -> str | None:
+    def skip_reason(name: str, stage_config: dict, artefact: str) -> tuple[str, str] | None:
+        """(word for timings, progress line) when the stage does not run now, else None."""
         record = records.get(name, {})
-        if (
-            record.get("status") == "complete"
-            and record.get("config") == stage_config
-            and (out / name / artefact).exists()
-        ):
-            return "skipped"
+        if record.get("status") == "complete" and record.get("config") == stage_config and (out / name / artefact).exists():  # fmt: skip
+            return "skipped", f"already in {out / name}, skipped"
         if name not in selected:
-            return "not selected"
+            return "not selected", "not selected, left for a later run"
         if deadline is not None and time.monotonic() >= deadline:
-            return "not started"
+            return "not started", "time budget spent, left for the next run"
         return None
-
-    skip_lines = {"skipped": "already in {where}, skipped", "not selected": "not selected, left for a later run",
-                  "not started": "time budget spent, left for the next run"}  # fmt: skip
 
     def stage(name: str, stage_config: dict, artefact: str, run, every_rank: bool = False) -> None:
         """Run one stage unless it is done, not selected or past the deadline (rank 0 decides for all
@@ -256,8 +255,8 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
             me, skip_reason(name, stage_config, artefact) if me.main else None, f"before {name}"
         )
         if reason is not None:
-            echo(f"[{number}/{total}] {name}: " + skip_lines[reason].format(where=out / name))
-            timings[name] = reason
+            timings[name] = reason[0]
+            echo(f"[{number}/{total}] {name}: {reason[1]}")
             return
         echo(f"[{number}/{total}] {name}: running ...")
         tic = time.perf_counter()
