@@ -165,6 +165,18 @@ def test_a_configuration_conflict_is_one_line_per_rank(tmp_path, single):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_write_what_one_gpu_writes(tmp_path):
+    """NCCL, one GPU per rank; the reference is the same eval on one GPU in this process."""
+    reference, out = tmp_path / "single", tmp_path / "run"
+    run_eval(**SINGLE, out=reference, device="cuda")
+    done = torchrun(tmp_path, *ARGS, "--device", "cuda", "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert cells(out) == cells(reference) and list(cells(out)) == list(cells(reference))
+    pd.testing.assert_frame_equal(table(out), table(reference))
+
+
 SMALL_STUDY = """
 tasks:
   - {task: needle, n: 1, target_tokens: 1000, max_new_tokens: 2}

@@ -106,6 +106,11 @@ def ranks(device: str = "cpu") -> Ranks:
     local_rank = _env_int("LOCAL_RANK", 0)
     if not dist.is_initialized():
         if device.startswith("cuda") and torch.cuda.is_available():
+            if local_rank >= torch.cuda.device_count():
+                raise KvdiagError(
+                    f"LOCAL_RANK {local_rank} but {torch.cuda.device_count()} GPU(s) visible; use "
+                    f"--nproc-per-node {torch.cuda.device_count()} or fewer (one GPU per rank)"
+                )
             torch.cuda.set_device(local_rank)
             dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
         else:

@@ -34,7 +34,9 @@ another seed or a method whose knobs changed, is refused: `kvdiag.eval.resume`),
 tidy table of every cell of the run, columns `RESULT_COLUMNS`, plus `metric_*` for tasks with several
 metrics), manifest.json (config, each method's knobs and budgets, each sample's prompt SHA-256,
 versions, seed, one entry per invocation) and figures/ (see `kvdiag.plots.eval`). With a `deadline`
-no new cell starts after it; the run is then "partial" and the same call continues it.
+no new cell starts after it; the run is then "partial" and the same call continues it. Under torchrun
+(`kvdiag.eval.distributed`) the ranks share the samples with pending cells, each appends to its own
+predictions.rank{R}.jsonl, and rank 0 merges them and writes the rest: the same run directory.
 
 Fidelity (`kvdiag.eval.fidelity.teacher_forced_fidelity`) teacher-forces the gold answer, serialised as
 the task expects it (`gold_answer_text`), once per sample for all its pending method cells (its own
