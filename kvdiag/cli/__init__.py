@@ -1,7 +1,7 @@
 """kvdiag command line: a typer app, one module per subcommand, heavy imports inside command bodies.
 
-Known errors (`KvdiagError`) print as one line and exit with status 2; set KVDIAG_DEBUG=1 for the
-traceback.
+Known errors (`KvdiagError`) print as one line and exit with status 2 (under torchrun, one line per
+rank, tagged with it); set KVDIAG_DEBUG=1 for the traceback.
 """
 
 from __future__ import annotations
@@ -35,13 +35,19 @@ def friendly_errors(func):
         except KvdiagError as err:
             if os.environ.get("KVDIAG_DEBUG"):
                 raise
-            typer.echo(f"kvdiag: error: {err}", err=True)
+            typer.echo(f"kvdiag: error{_rank_tag()}: {err}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("kvdiag: interrupted", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _rank_tag() -> str:
+    """The tag " (rank R/W)" of an error line under torchrun, where every rank prints its own; else ""."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')}/{world})" if world.isdigit() and int(world) > 1 else ""
 
 
 def _register() -> None:

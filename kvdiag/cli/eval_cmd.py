@@ -16,6 +16,12 @@ it in the shell: commas belong to the specs) or given as repeated --method optio
 runs; --methods exact runs only it. Budgets are separated by ','; "0.03125" or "3.125%" is a
 fraction of the prompt, "2048" a token count.
 
+Several GPUs: `torchrun --nproc-per-node N --no-python -- kvdiag eval ...` shares the samples with
+cells left out among N ranks (one GPU each with --device cuda); each rank appends to its own
+predictions.rank{R}.jsonl and rank 0 merges them into the same run directory a single process
+writes. Any world size (or none) resumes any other's run. The `--` keeps torchrun from reading
+kvdiag's --n as an abbreviation of its own options.
+
 Re-running with the same --out resumes: finished (sample, method, budget) cells in predictions.jsonl
 are skipped, also after a kill. A run may grow: a larger --n, another method or another budget only
 adds cells; a change that would alter existing cells (model, task knobs, seed, --target-tokens,
@@ -33,6 +39,8 @@ Examples:
       'shadowkv@1.5625%;shadowkv@15.625%;yakv@3.125%;oracle@3.125%' --n 2 --out runs/needle
   kvdiag eval --model qwen2.5-coder-0.5b --task html2tsv --data-dir /work/shared/data
       --methods exact --n 2 --max-new-tokens 640 --out runs/html
+  torchrun --nproc-per-node 2 --no-python -- kvdiag eval --model qwen2.5-coder-0.5b --task needle
+      --methods 'oracle;yakv' --n 20 --device cuda --out runs/needle2
   kvdiag tasks        # the tasks, their knobs and whether their data is found
 """
 
@@ -104,10 +112,14 @@ def register(app: typer.Typer) -> None:
             )  # fmt: skip
         except KeyboardInterrupt:
             typer.echo(
-                f"finished cells are kept in {out / 'predictions.jsonl'}; run the same command to resume",
+                f"finished cells are kept in {out}/predictions*.jsonl; run the same command to resume",
                 err=True,
             )
             raise
+        from kvdiag.eval.distributed import ranks
+
+        if not ranks().main:  # under torchrun rank 0 prints the summary
+            return
         if result["complete"]:
             from kvdiag.plots import plot_run
 

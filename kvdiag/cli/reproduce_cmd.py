@@ -19,6 +19,10 @@ Several short jobs: --max-minutes M starts no stage and no eval cell after M min
 plus the longest cell of slack), --stages runs some stages now and the rest later; the call that
 finds every stage done writes the report.
 
+Several GPUs: `torchrun --nproc-per-node N --no-python -- kvdiag reproduce ...` shares each eval
+stage's samples among N ranks (cuda:LOCAL_RANK each with --device cuda); rank 0 runs spectrum,
+recall and the report while the others wait (KVDIAG_DIST_TIMEOUT_S, default 3600 s, bounds a wait).
+
 Configurations: --quick (= --config quick, a 2-core CPU), --config gpu (the default: one H200), or
 --config FILE.yaml (see kvdiag.study.configs); --task-knob task:knob=value overrides a task's knob.
 
@@ -29,6 +33,8 @@ Examples:
   kvdiag reproduce --config gpu --device cuda --data-dir /data --out runs/gpu
       --task-knob text2json:n_entities=8 --max-minutes 8    # repeat until it says "report:"
   kvdiag reproduce --config gpu --device cuda --data-dir /data --out runs/gpu --stages spectrum,recall
+  torchrun --nproc-per-node 2 --no-python -- kvdiag reproduce --config gpu --device cuda
+      --data-dir /data --out runs/gpu2
   python -m kvdiag.study.reproduce --export runs/reproduce figures   # export only
 """
 
@@ -86,6 +92,10 @@ def register(app: typer.Typer) -> None:
             stages=None if stages is None else [s for s in stages.split(",") if s.strip()],
             max_minutes=max_minutes, echo=lambda line: typer.echo(line, err=True),
         )  # fmt: skip
+        from kvdiag.eval.distributed import ranks
+
+        if not ranks().main:  # under torchrun rank 0 prints the outcome
+            return
         if result["complete"]:
             typer.echo(f"{result['report']} ({result['seconds']:.0f} s)")
         else:

@@ -34,7 +34,9 @@ another seed or a method whose knobs changed, is refused: `kvdiag.eval.resume`),
 tidy table of every cell of the run, columns `RESULT_COLUMNS`, plus `metric_*` for tasks with several
 metrics), manifest.json (config, each method's knobs and budgets, each sample's prompt SHA-256,
 versions, seed, one entry per invocation) and figures/ (see `kvdiag.plots.eval`). With a `deadline`
-no new cell starts after it; the run is then "partial" and the same call continues it.
+no new cell starts after it; the run is then "partial" and the same call continues it. Under torchrun
+(`kvdiag.eval.distributed`) the ranks share the samples with pending cells, each appends to its own
+predictions.rank{R}.jsonl, and rank 0 merges them and writes the rest: the same run directory.
 
 Fidelity (`kvdiag.eval.fidelity.teacher_forced_fidelity`) teacher-forces the gold answer, serialised as
 the task expects it (`gold_answer_text`), once per sample for all its pending method cells (its own
@@ -85,6 +87,9 @@ from kvdiag.eval.store import (  # noqa: F401  (re-exported: the harness's publi
     append_row,
     cell_key,
     check_out,
+    finished_keys,
+    merge_rank_files,
+    rank_file,
     read_predictions,
     results_table,
     score_table,
@@ -138,10 +143,22 @@ def _check_data(task_name: str, knobs: dict) -> None:
 # --- the pipeline -----------------------------------------------------------------------------------
 
 
-def _sample_groups(pending: list, batch_size: int) -> list[list]:
-    """The samples with pending cells, in order, in groups of batch_size (decoded together)."""
+def _plan(pending: list[Cell], batch_size: int) -> list[tuple[list, list[list[Cell]]]]:
+    """The order a process runs its pending cells in: [(samples, batches)] with the samples in groups
+    of batch_size (prefilled, then decoded together) and per group one batch per method label × budget
+    (first-seen order), its cells in sample order. A single process writes predictions.jsonl in this
+    order; the merge of a torchrun launch's rank files follows it too (`merge_rank_files`)."""
     samples = list({id(c.sample): c.sample for c in pending}.values())
-    return [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    plan = []
+    for start in range(0, len(samples), batch_size):
+        group = samples[start : start + batch_size]
+        ids = {s.id for s in group}
+        batches: dict[tuple, list[Cell]] = {}
+        for cell in pending:
+            if cell.sample.id in ids:
+                batches.setdefault((cell.label, repr(cell.budget)), []).append(cell)
+        plan.append((group, list(batches.values())))
+    return plan
 
 
 def _scratch_cell(cell, net, tokenizer, task, prompts, device, max_new_tokens, eos, fid, exact_bytes) -> dict:
@@ -158,7 +175,7 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
              target_tokens: int = 2048, max_new_tokens: int = 256, seed: int = 0, chat: bool | None = None,
              data_dir=None, device: str | None = "cpu", dtype=None, fidelity: bool = True,
              progress: bool = True, shared_prefill: bool = True,
-             deadline: float | None = None, batch_size: int = 1) -> dict:  # fmt: skip
+             deadline: float | None = None, batch_size: int = 1, idle_ranks_ok: bool = False) -> dict:  # fmt: skip
     """The `kvdiag eval` pipeline (see the module docstring); resumes into an existing `out`.
 
     methods: specs ("shadowkv:rank=320", "yakv@3.125%"), Method objects or (method, budget) pairs,
@@ -167,14 +184,18 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     `data_dir` knob; chat: None = the chat template when the tokenizer has one; shared_prefill: False
     prefills every cell on its own (plain `generate`, slower; the same tokens); deadline: a
     `time.monotonic()` value after which no new cell starts (the run is then partial); batch_size: how
-    many samples are decoded together per method × budget (the same tokens as one at a time). Every input is
-    validated before the model loads and before anything is written.
-    Figures: `kvdiag.plots.plot_run(out)` (the command draws them once a run is complete).
+    many samples are decoded together per method × budget (the same tokens as one at a time);
+    idle_ranks_ok: under torchrun, let ranks without a pending sample wait instead of refusing the
+    world size (`kvdiag.eval.distributed.shard_samples`). Every input is validated before the model
+    loads and before anything is written. Figures: `kvdiag.plots.plot_run(out)` (the command draws
+    them once a run is complete).
     Returns {"out", "predictions", "table", "cells", "new_cells", "seconds", "scores",
-    "complete"} (cells and new_cells count this call's cells).
+    "complete"} (cells and new_cells count this call's cells; under torchrun every rank gets rank 0's
+    answer, new_cells summed over the ranks).
     """
     from tqdm.auto import tqdm
 
+    from kvdiag.eval.distributed import barrier, from_main, gather, rank_device, ranks, shard_samples
     from kvdiag.models import load_model, load_tokenizer, resolve_device
     from kvdiag.runs import write_manifest, write_table
     from kvdiag.tasks import get_task
@@ -199,6 +220,8 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise KvdiagError(f"{name} must be an integer ≥ 1, got {value!r}")
     device = resolve_device(device)
+    me = ranks(device)  # under torchrun: the process group (see kvdiag.eval.distributed)
+    run_device = rank_device(device, me)
     out = Path(out).expanduser()
     check_out(out)
     context = _context_length(model)
@@ -241,13 +264,24 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
          "budgets": r.budgets, "own_budgets": r.pinned} for r in runs], [
         {"id": s.id, "prompt_tokens": int(prompts[s.id].shape[1]), "prompt_sha256": prompt_digest(prompts[s.id]),
          **s.meta} for s in samples])  # fmt: skip
+    if me.distributed:  # the run directory is the same either way; the invocation says how it ran
+        merged["invocations"][-1]["torchrun_ranks"] = me.world
 
+    cells = [c for s in samples for c in [Cell(s, None, EXACT, EXACT, 1.0)] + [
+        Cell(s, r.method, r.label, r.spec, b) for r in runs for b in r.budgets]]  # fmt: skip
+    order = [c.key for _, batches in _plan(cells, batch_size) for batch in batches for c in batch]
+    done = finished_keys(out)  # predictions.jsonl and any rank's file (a torn last line is cut off here)
+    pending = [c for c in cells if c.key not in done]
     created = not out.exists()
+    mine = set(shard_samples(list(dict.fromkeys(c.sample.id for c in pending)), me, idle_ranks_ok))
+    barrier(me, f"after reading {out}")  # every rank has read what is done before any rank writes
+    log.info("%d cells, %d already in %s", len(cells), len(cells) - len(pending), out)
+
     out.mkdir(parents=True, exist_ok=True)
     try:
-        net, tokenizer = load_model(model, device=device, dtype=dtype)
+        net, tokenizer = load_model(model, device=run_device, dtype=dtype)
     except BaseException:
-        if created and not any(out.iterdir()):
+        if me.main and created and not any(out.iterdir()):
             out.rmdir()
         raise
     eos = eos_token_ids(net, tokenizer, use_chat)
@@ -258,26 +292,26 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
         "methods": merged["methods"], "samples": merged["samples"], "invocations": merged["invocations"],
         "shared_prefill": shared_prefill,
     }  # fmt: skip
-    write_manifest(out, "eval", merged["config"], {**extra, "status": "running"})
+    if me.main:
+        write_manifest(out, "eval", merged["config"], {**extra, "status": "running"})
+    if not me.distributed:  # rows a killed torchrun launch left in rank files join predictions.jsonl
+        merge_rank_files(out, order)
+    written = rank_file(out, me.rank) if me.distributed else out / PREDICTIONS
 
-    cells = [c for s in samples for c in [Cell(s, None, EXACT, EXACT, 1.0)] + [
-        Cell(s, r.method, r.label, r.spec, b) for r in runs for b in r.budgets]]  # fmt: skip
-    done = {cell_key(r["sample_id"], r["method"], r["budget"]) for r in read_predictions(out)}
-    pending = [c for c in cells if c.key not in done]
-    log.info("%d cells, %d already in %s", len(cells), len(cells) - len(pending), out / PREDICTIONS)
+    mine_pending = [c for c in pending if c.sample.id in mine]
     bar = tqdm(
-        total=len(cells), initial=len(cells) - len(pending), desc=f"eval {task}", unit="cell",
+        total=len(cells) - len(pending) + len(mine_pending), initial=len(cells) - len(pending),
+        desc=f"eval {task}" + (f" rank {me.rank}/{me.world}" if me.distributed else ""), unit="cell",
         disable=not progress,
     )  # fmt: skip
     exact_bytes, ran, stopped = exact_bytes_per_token(net), 0, False
-    groups = _sample_groups(pending, batch_size)
-    for group in groups:
+    for group, batches in _plan(mine_pending, batch_size):
         if stopped:
             break
         prefills, fid = {}, {}
         for sample in group:
-            ids = prompts[sample.id].to(device)
-            todo = [c for c in pending if c.sample is sample and c.method is not None]
+            ids = prompts[sample.id].to(run_device)
+            todo = [c for batch in batches for c in batch if c.sample is sample and c.method is not None]
             if fidelity and todo:
                 bar.set_postfix_str(f"{sample.id} fidelity")
                 results = cell_fidelity(
@@ -286,41 +320,43 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
                 fid.update({c.key: r for c, r in zip(todo, results)})
             bar.set_postfix_str(f"{sample.id} prefill")
             prefills[sample.id] = prefill_prompt(net, ids)
-        ids_of = {s.id for s in group}
-        configs = list(dict.fromkeys((c.label, repr(c.budget)) for c in pending if c.sample.id in ids_of))
-        for label, budget in configs:
+        for batch in batches:
             if deadline is not None and time.monotonic() >= deadline:
                 stopped = True
-                log.info("deadline reached: %d cells left for the next run", len(pending) - ran)
+                log.info("deadline reached: %d cells left for the next run", len(mine_pending) - ran)
                 break
-            batch = [
-                c for c in pending if c.sample.id in ids_of and (c.label, repr(c.budget)) == (label, budget)
-            ]
-            bar.set_postfix_str(f"{len(batch)} × {label} {batch[0].budget}")
+            bar.set_postfix_str(f"{len(batch)} × {batch[0].label} {batch[0].budget}")
             if shared_prefill:
                 rows = decode_cells(batch, net, tokenizer, task_obj, prompts, prefills, max_new_tokens, eos, fid,
                                     exact_bytes)  # fmt: skip
             else:
-                rows = [_scratch_cell(c, net, tokenizer, task_obj, prompts, device, max_new_tokens, eos, fid,
+                rows = [_scratch_cell(c, net, tokenizer, task_obj, prompts, run_device, max_new_tokens, eos, fid,
                                       exact_bytes) for c in batch]  # fmt: skip
             for row in rows:
-                append_row(out / PREDICTIONS, row)
+                append_row(written, row)
             ran += len(rows)
             bar.update(len(rows))
         prefills = None
     bar.close()
 
-    table = results_table(read_predictions(out))  # every cell of the run, this call's and earlier ones
-    write_table(table, out / RESULTS)
-    from kvdiag.analysis.recall import warn_over_budget
+    if me.distributed:  # wait for every rank's cells, then rank 0 alone writes the run directory
+        reports = gather(me, (ran, stopped), "after the eval cells")
+        ran, stopped = sum(n for n, _ in reports), any(s for _, s in reports)
+    result = None
+    if me.main:
+        merge_rank_files(out, order)
+        table = results_table(read_predictions(out))  # every cell of the run, this call's and earlier ones
+        write_table(table, out / RESULTS)
+        from kvdiag.analysis.recall import warn_over_budget
 
-    warn_over_budget(table[table.method != EXACT].dropna(subset=["attended_tokens_per_step"]),
-                     column="attended_tokens_per_step")  # fmt: skip
-    seconds = round(time.perf_counter() - start, 1)
-    write_manifest(out, "eval", merged["config"], {**extra, "status": "partial" if stopped else "complete",
-                                                   "cells": len(table), "new_cells": ran, "seconds_last_run": seconds})  # fmt: skip
-    return {
-        "out": out, "predictions": out / PREDICTIONS, "table": out / RESULTS,
-        "cells": len(cells), "new_cells": ran, "seconds": time.perf_counter() - start,
-        "scores": score_table(table), "complete": not stopped,
-    }  # fmt: skip
+        warn_over_budget(table[table.method != EXACT].dropna(subset=["attended_tokens_per_step"]),
+                         column="attended_tokens_per_step")  # fmt: skip
+        seconds = round(time.perf_counter() - start, 1)
+        write_manifest(out, "eval", merged["config"], {**extra, "status": "partial" if stopped else "complete",
+                                                       "cells": len(table), "new_cells": ran, "seconds_last_run": seconds})  # fmt: skip
+        result = {
+            "out": out, "predictions": out / PREDICTIONS, "table": out / RESULTS,
+            "cells": len(cells), "new_cells": ran, "seconds": time.perf_counter() - start,
+            "scores": score_table(table), "complete": not stopped,
+        }  # fmt: skip
+    return from_main(me, result, f"while rank 0 writes {out}")

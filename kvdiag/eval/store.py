@@ -4,6 +4,10 @@ against manifest.json, and the tidy results / score tables rebuilt from it.
 - predictions.jsonl: one JSON line per finished cell (sample, method label, budget), appended with
   flush + fsync as soon as the cell finishes; a torn last line (a kill mid-write) is cut off on read;
   what a later invocation may add to a run is `kvdiag.eval.resume`'s business;
+- predictions.rank{R}.jsonl: the same rows, written by rank R under torchrun
+  (`kvdiag.eval.distributed`); rank 0 merges them into predictions.jsonl at the end of the run
+  (`merge_rank_files`), and a run that finds some left by a killed launch counts their cells as
+  finished and merges them too;
 - results.parquet: `results_table` of those lines (columns `RESULT_COLUMNS`, plus `metric_*` for tasks
   with several metrics); `score_table` aggregates it per method × budget.
 """
@@ -18,11 +22,13 @@ from pathlib import Path
 import pandas as pd
 
 from kvdiag.errors import KvdiagError
+from kvdiag.runs import atomic_write_bytes
 from kvdiag.runs import check_writable as check_out  # noqa: F401  (the harness checks --out with it)
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.jsonl"
+RANK_PREDICTIONS = "predictions.rank{rank}.jsonl"
 RESULTS = "results.parquet"
 EXACT = "exact"
 RESULT_COLUMNS = [
@@ -39,9 +45,15 @@ def cell_key(sample_id: str, method: str, budget) -> tuple[str, str, str]:
     return (sample_id, method, repr(budget))
 
 
-def read_predictions(run_dir: str | Path) -> list[dict]:
-    """The finished cells of a run; a torn last line (a kill mid-write) is cut off the file."""
-    path = Path(run_dir) / PREDICTIONS
+def read_predictions(run_dir: str | Path, name: str = PREDICTIONS) -> list[dict]:
+    """The finished cells in a run's predictions file (`name`: predictions.jsonl or a rank's file);
+    a torn last line (a kill mid-write) is cut off the file."""
+    return [row for _, row in _read_lines(Path(run_dir) / name)]
+
+
+def _read_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) for each complete, non-empty line of a predictions file, cutting a torn last line
+    off the file."""
     if not path.exists():
         return []
     data = path.read_bytes()
@@ -50,14 +62,67 @@ def read_predictions(run_dir: str | Path) -> list[dict]:
         log.warning("%s: dropping an unfinished last line", path)
         with open(path, "r+b") as f:
             f.truncate(len(good))
-    rows = []
-    for number, line in enumerate(good.decode("utf-8").splitlines(), 1):
+    lines = []
+    for number, line in enumerate(good.decode("utf-8").split("\n"), 1):  # not splitlines: U+2028 is text
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                lines.append((line, json.loads(line)))
             except json.JSONDecodeError as err:
                 raise KvdiagError(f"{path}:{number} is not valid JSON ({err.msg})") from None
-    return rows
+    return lines
+
+
+def rank_file(run_dir: str | Path, rank: int) -> Path:
+    """Where rank `rank` of a torchrun launch appends its rows."""
+    return Path(run_dir) / RANK_PREDICTIONS.format(rank=rank)
+
+
+def rank_files(run_dir: str | Path) -> list[Path]:
+    """The ranks' predictions files in a run directory, by rank."""
+    prefix, suffix = RANK_PREDICTIONS.split("{rank}")
+    found = {}
+    for path in Path(run_dir).glob(f"{prefix}*{suffix}"):
+        rank = path.name[len(prefix) : -len(suffix)]
+        if rank.isdigit():
+            found[int(rank)] = path
+    return [found[rank] for rank in sorted(found)]
+
+
+def finished_keys(run_dir: str | Path) -> set[tuple[str, str, str]]:
+    """The cells finished in a run directory: in predictions.jsonl or in any rank's file."""
+    names = [PREDICTIONS, *(p.name for p in rank_files(run_dir))]
+    return {_row_key(row) for name in names for row in read_predictions(run_dir, name)}
+
+
+def merge_rank_files(run_dir: str | Path, order: list[tuple[str, str, str]]) -> int:
+    """Move the rows of the ranks' files into predictions.jsonl (atomically: its old lines, then the
+    new cells in the order of the cell keys in `order`, cells not in it last by key; a cell already
+    there or seen in an earlier rank file is left out), then delete the rank files. Returns the
+    number of cells added. A crash in between leaves rows in both places, which the next merge skips."""
+    run_dir = Path(run_dir)
+    files = rank_files(run_dir)
+    if not files:
+        return 0
+    kept = _read_lines(run_dir / PREDICTIONS)
+    seen = {_row_key(row) for _, row in kept}
+    new: dict[tuple, str] = {}
+    for path in files:
+        for line, row in _read_lines(path):
+            key = _row_key(row)
+            if key not in seen and key not in new:
+                new[key] = line
+    position = {key: i for i, key in enumerate(order)}
+    ordered = sorted(new, key=lambda k: (k not in position, position.get(k, 0), k))
+    text = "".join(line + "\n" for line in [*(line for line, _ in kept), *(new[k] for k in ordered)])
+    atomic_write_bytes(run_dir / PREDICTIONS, text.encode("utf-8"))
+    for path in files:
+        path.unlink()
+    log.info("merged %d cells from %d rank files into %s", len(new), len(files), run_dir / PREDICTIONS)
+    return len(new)
+
+
+def _row_key(row: dict) -> tuple[str, str, str]:
+    return cell_key(row["sample_id"], row["method"], row["budget"])
 
 
 def append_row(path: Path, row: dict) -> None:

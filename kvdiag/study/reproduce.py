@@ -47,6 +47,11 @@ Quick mode (`quick_config`), sized for a 2-core CPU in about 15-20 minutes with 
 The GPU mode (`gpu_config`, the default without --quick) runs 20-50 samples per task on 12K-16K-token
 prompts, LongProc's real pages, all layers; see `kvdiag.study.configs` for it, YAML files and
 `--task-knob task:knob=value` overrides.
+
+Under torchrun (`torchrun --nproc-per-node N --no-python -- kvdiag reproduce ...`) rank 0 decides
+which stages run (and prints), the eval stages share their samples among the ranks
+(`kvdiag.eval.distributed`), and spectrum, recall and the report run on rank 0 while the others wait:
+the same run directory as one process writes, with the eval cells split N ways.
 """
 
 from __future__ import annotations
@@ -169,6 +174,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     Returns {"out", "report" (None until complete), "stages": {name: seconds or a word}, "seconds",
     "complete", "remaining"}.
     """
+    from kvdiag.eval.distributed import barrier, from_main, rank_device, ranks
     from kvdiag.eval.harness import _context_length
     from kvdiag.eval.store import check_out
     from kvdiag.methods import check_budget
@@ -193,6 +199,9 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     for b in config.recall_sweep:
         check_budget(b)
     device = resolve_device(device)
+    me = ranks(device)  # under torchrun: eval stages are sharded, the others run on rank 0
+    if not me.main:
+        echo = _silent
     out = Path(out).expanduser()
     check_out(out)
     _context_length(model)  # an unknown model name fails here, with did-you-mean help
@@ -218,35 +227,43 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     wanted: dict[str, dict] = {}  # stage -> its config in this call
 
     def save(status: str, **extra) -> None:
-        write_manifest(out, "reproduce", top, {"stages": records, "status": status, **extra})
+        if me.main:
+            write_manifest(out, "reproduce", top, {"stages": records, "status": status, **extra})
 
+    barrier(me, f"after reading {out / 'manifest.json'}")
     save("running")
     total = len(stage_names)
 
-    def stage(name: str, stage_config: dict, artefact: str, run) -> None:
+    def skip_reason(name: str, stage_config: dict, artefact: str) -> tuple[str, str] | None:
+        """(word for timings, progress line) when the stage does not run now, else None."""
+        record = records.get(name, {})
+        if record.get("status") == "complete" and record.get("config") == stage_config and (out / name / artefact).exists():  # fmt: skip
+            return "skipped", f"already in {out / name}, skipped"
+        if name not in selected:
+            return "not selected", "not selected, left for a later run"
+        if deadline is not None and time.monotonic() >= deadline:
+            return "not started", "time budget spent, left for the next run"
+        return None
+
+    def stage(name: str, stage_config: dict, artefact: str, run, every_rank: bool = False) -> None:
+        """Run one stage unless it is done, not selected or past the deadline (rank 0 decides for all
+        ranks); an eval stage (every_rank) runs on every rank, the others on rank 0 while the rest wait."""
         number = stage_names.index(name) + 1
         wanted[name] = stage_config
         record = records.get(name, {})
-        if (
-            record.get("status") == "complete"
-            and record.get("config") == stage_config
-            and (out / name / artefact).exists()
-        ):
-            echo(f"[{number}/{total}] {name}: already in {out / name}, skipped")
-            timings[name] = "skipped"
-            return
-        if name not in selected:
-            echo(f"[{number}/{total}] {name}: not selected, left for a later run")
-            timings[name] = "not selected"
-            return
-        if deadline is not None and time.monotonic() >= deadline:
-            echo(f"[{number}/{total}] {name}: time budget spent, left for the next run")
-            timings[name] = "not started"
+        reason = from_main(
+            me, skip_reason(name, stage_config, artefact) if me.main else None, f"before {name}"
+        )
+        if reason is not None:
+            timings[name] = reason[0]
+            echo(f"[{number}/{total}] {name}: {reason[1]}")
             return
         echo(f"[{number}/{total}] {name}: running ...")
         tic = time.perf_counter()
-        finished = run() is not False
-        if finished:  # the stage's figures, drawn from its tables
+        finished = (run() is not False) if every_rank or me.main else None
+        if not every_rank:
+            finished = from_main(me, finished, f"after {name} (rank 0 runs it)")
+        if finished and me.main:  # the stage's figures, drawn from its tables
             from kvdiag.plots import plot_run
 
             plot_run(out / name)
@@ -275,7 +292,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     from kvdiag.analysis.spectrum import run_spectrum
 
     stage("spectrum", analysis, "manifest.json", lambda: run_spectrum(
-        model, out / "spectrum", prompt=text(), device=device, max_tokens=config.analysis_tokens))  # fmt: skip
+        model, out / "spectrum", prompt=text(), device=rank_device(device, me), max_tokens=config.analysis_tokens))  # fmt: skip
 
     from kvdiag.analysis.recall import run_recall
 
@@ -290,7 +307,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
                      "methods": [m.label() for m in recall_methods], "budgets": recall_budgets}  # fmt: skip
     stage("recall", recall_config, "recall.parquet", lambda: run_recall(
         model, out / "recall", methods=recall_methods, budgets=recall_budgets, layers=layers, prompt=text(),
-        n_queries=config.recall_queries, device=device, max_tokens=config.analysis_tokens))  # fmt: skip
+        n_queries=config.recall_queries, device=rank_device(device, me), max_tokens=config.analysis_tokens))  # fmt: skip
 
     from kvdiag.eval.harness import run_eval
 
@@ -305,7 +322,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
             budgets=[], task_knobs=plan.knobs, n=plan.n, target_tokens=plan.target_tokens,
             max_new_tokens=plan.max_new_tokens, data_dir=data_dir if _reads_data(plan.task) else None,
             device=device, fidelity=config.fidelity, progress=progress, deadline=deadline,
-            batch_size=config.batch_size)["complete"])  # fmt: skip
+            batch_size=config.batch_size, idle_ranks_ok=True)["complete"], every_rank=True)  # fmt: skip
 
     remaining = [
         name for name in stage_names
@@ -328,15 +345,20 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
             "recall_roles": roles_of(study_methods(family, config.analysis_tokens if config.scale_outliers else None)),
             "outlier_chunks": {p.task: study_methods(family, p.target_tokens if config.scale_outliers else None)[0]
                                .method.outlier_chunks for p in plans}}  # fmt: skip
-    report = write_report(out, info)
+    report = write_report(out, info) if me.main else None
+    report = from_main(me, report, "after the report (rank 0 writes it)")
     seconds = round(time.perf_counter() - start, 1)
     save("complete", seconds_last_run=seconds)
     echo(f"report: {report}")
-    if figures_dir is not None:
+    if figures_dir is not None and me.main:
         exported = export_report(out, figures_dir)
         echo(f"exported report, findings and {len(exported) - 1} more files to {figures_dir}")
     return {"out": out, "report": report, "stages": timings, "seconds": seconds, "complete": True,
             "remaining": []}  # fmt: skip
+
+
+def _silent(line: str) -> None:
+    """The progress lines of ranks other than 0 (rank 0 prints them)."""
 
 
 def _reads_data(task: str) -> bool:
