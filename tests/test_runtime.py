@@ -113,7 +113,7 @@ def test_kernel_paths_select_what_the_method_selects(spec):
     method = parse_method_spec(spec)
     builts, states = random_builts(method, [300, 217, 261])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fast = fast_path_for(method, builts, states, device)
+    fast = fast_path_for(method, builts, states, device, interpreter=True)
     assert fast is not None
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):

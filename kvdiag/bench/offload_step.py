@@ -102,7 +102,7 @@ def step_case(
     built = offload_built(method.build(random_layer(length, shape, device)), device)
     builts = [built] * batch
     states = [method.start(built, BUDGETS[name]) for _ in builts]
-    fast = fast_path_for(method, builts, states, device)
+    fast = fast_path_for(method, builts, states, device, interpreter=True)
     if fast is None:
         raise RuntimeError(f"no kernel path for {SPECS[name]} here (CUDA or TRITON_INTERPRET=1 needed)")
     gen = torch.Generator(device=device).manual_seed(1)

@@ -116,8 +116,22 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
 
 
 def ensure_offline_model(name: str) -> Path:
-    """Directory of the converted safetensors checkpoint of an offline model, fetching it if needed."""
+    """Directory of the converted safetensors checkpoint of an offline model, fetching it if needed.
+
+    Several processes (parallel test workers, torchrun ranks) may ask at once: the first fetches and
+    converts under an exclusive file lock, the others wait for it and then find the checkpoint."""
     out_dir = converted_dir(name)
-    if not (out_dir / "config.json").exists():
-        _convert_gguf(fetch_gguf(name), out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    import fcntl
+
+    lock_path = cache_dir() / f".{name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (out_dir / "config.json").exists():
+                _convert_gguf(fetch_gguf(name), out_dir)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return out_dir

@@ -73,7 +73,7 @@ def greedy_decode(
     keep_logits: bool = False,
     engine: str = "simulator",
     backend: str = "torch",
-    kernels: bool = True,
+    kernels: bool | None = None,
 ) -> DecodeResult:
     """Greedy decoding of a batch of prefilled prompts (exact, or `method` at `budget`: a fraction of
     each row's indexed prompt, or tokens; a list gives each row its own).

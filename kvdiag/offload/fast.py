@@ -159,13 +159,16 @@ class ShadowKVPath:
         return self.method._finish(self.batch, self.states, ids.long()[:, None], always), out
 
 
-def fast_path_for(method, builts, states, device):
+def fast_path_for(method, builts, states, device, interpreter: bool = False):
     """The kernel path covering `method` on these builds, or None (then the PyTorch path runs).
 
-    Kernel paths need CUDA tensors, or the Triton interpreter on CPU (TRITON_INTERPRET=1)."""
+    Kernel paths run on CUDA; on CPU only with `interpreter=True` under the Triton interpreter
+    (TRITON_INTERPRET=1: for tests, far slower than the PyTorch path)."""
     import os
 
-    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if torch.device(device).type != "cuda" and not (
+        interpreter and os.environ.get("TRITON_INTERPRET") == "1"
+    ):
         return None
     if any(b.dense for b in builts) or any(s.cache_tokens for s in states):
         return None

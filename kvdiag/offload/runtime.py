@@ -101,7 +101,7 @@ class RuntimeState:
     layers: set[int]
     traces: list
     backend: str = "torch"
-    kernels: bool = True
+    kernels: bool | None = None
     per_layer: dict = field(default_factory=dict)
     counters: DecodeCounters = field(default_factory=DecodeCounters)
     rows_read: int = 0  # host rows actually read by the PyTorch path (its own accounting)
@@ -125,10 +125,10 @@ class RuntimeState:
                 builts.append(offload_built(built, device))
             states = [method.start(built, self.row_budget(b)) for b, built in enumerate(builts)]
             fast = None
-            if self.kernels:
+            if self.kernels is not False:
                 from kvdiag.offload.fast import fast_path_for
 
-                fast = fast_path_for(method, builts, states, device)
+                fast = fast_path_for(method, builts, states, device, interpreter=self.kernels is True)
             batch = fast.batch if fast is not None else method.stack(builts)
             self.per_layer[layer] = RuntimeLayer(builts, batch, states, fast)
         return self.per_layer[layer]
@@ -222,15 +222,16 @@ def offload(
     prompt_traces: Sequence,
     layers: str | Sequence[int] | None = "all",
     backend: str = "torch",
-    kernels: bool = True,
+    kernels: bool | None = None,
 ) -> Iterator[RuntimeState]:
     """Run `method` at `budget` (fraction or tokens; a list gives one per row) with its payload
     offloaded, for the prompts of `prompt_traces` (one prefill trace per batch row, every layer).
 
     The caller decodes from `adapter.offload_cache` (the method layers' prompt K/V not on the GPU):
     `kvdiag.offload.decode.greedy_decode(..., engine="runtime")` does it. backend: how selection
-    scores ("torch", or "triton" for the kernels of `kvdiag.kernels`); kernels: use the Triton fast
-    path of `kvdiag.offload.fast` where it covers the method (decode steps of one token).
+    scores ("torch", or "triton" for the kernels of `kvdiag.kernels`); kernels: the Triton fast path
+    of `kvdiag.offload.fast` where it covers the method (decode steps of one token): None = on CUDA,
+    True = also on CPU under the Triton interpreter (tests), False = never.
     """
     if not isinstance(method, Method):
         raise KvdiagError(
