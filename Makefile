@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kvdiag spectrum --model smollm2-135m --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
