@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from kvdiag.cli import friendly_errors
+from kvdiag.cli import friendly_errors, quiet, say
 
 EXAMPLES = """
 Method specs are "name" or "name:knob=value,knob=value", optionally with the method's own budget
@@ -17,7 +17,8 @@ runs; --methods exact runs only it. Budgets are separated by ','; "0.03125" or "
 fraction of the prompt, "2048" a token count.
 
 Re-running with the same --out resumes: finished (sample, method, budget) cells in predictions.jsonl
-are skipped; a different configuration is refused.
+are skipped; a different configuration is refused, and so is an --out holding another kind of run;
+--overwrite starts afresh (the new run replaces the old one only once it has finished).
 
 \b
 Examples:
@@ -74,6 +75,9 @@ def register(app: typer.Typer) -> None:
         no_fidelity: bool = typer.Option(
             False, "--no-fidelity", help="skip teacher-forced KL / top-1 agreement on the gold answer"
         ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="replace the run in --out instead of resuming it"
+        ),
     ) -> None:
         """Generate answers to a task's samples with exact attention and with each offloading method at
         each budget (in the accuracy simulator), score them, and write predictions.jsonl,
@@ -92,18 +96,35 @@ def register(app: typer.Typer) -> None:
             result = run_eval(
                 model, task, out, methods=specs, budgets=budget_list, task_knobs=parse_task_knobs(task, task_knob or []),
                 n=n, target_tokens=target_tokens, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
-                data_dir=data_dir, device=device, dtype=dtype, fidelity=not no_fidelity,
+                data_dir=data_dir, device=device, dtype=dtype, fidelity=not no_fidelity, overwrite=overwrite,
+                progress=not quiet(),
             )  # fmt: skip
         except KeyboardInterrupt:
-            typer.echo(
-                f"finished cells are kept in {out / 'predictions.jsonl'}; run the same command to resume",
-                err=True,
-            )
+            if overwrite:
+                typer.echo(
+                    f"the run in {out} is unchanged (--overwrite replaces it only when done)", err=True
+                )
+            else:
+                typer.echo(
+                    f"finished cells are kept in {out / 'predictions.jsonl'}; run the same command to resume",
+                    err=True,
+                )
             raise
-        summary = result["scores"]
-        columns = ["method", "budget", "n", "score_mean", "score_stderr", "kl_mean", "hit_cap_rate"]
-        typer.echo(summary[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-        typer.echo(
-            f"{result['cells']} cells ({result['new_cells']} run now), {result['seconds']:.1f} s; "
-            f"{result['predictions']}, {result['table']}, {result['out'] / 'figures'}/"
-        )
+        print_summary(result)
+
+
+def print_summary(result: dict) -> None:
+    """What `kvdiag eval` prints when it succeeds (nothing with --quiet): the score table, budgets as
+    asked ("3.125 %", "2048 tokens", "all" for exact) beside the tokens they meant."""
+    from kvdiag.eval.inputs import budget_label
+
+    summary = result["scores"].copy()
+    summary["budget"] = [budget_label(b, m) for b, m in zip(summary.budget, summary.method)]
+    summary["budget_tokens"] = summary.budget_tokens.round().astype(int)
+    columns = ["method", "budget", "budget_tokens", "n", "score_mean", "score_stderr", "kl_mean",
+               "hit_cap_rate"]  # fmt: skip
+    say(summary[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    say(
+        f"{result['cells']} cells ({result['new_cells']} run now), {result['seconds']:.1f} s; "
+        f"{result['predictions']}, {result['table']}, {result['out'] / 'figures'}/"
+    )

@@ -7,12 +7,18 @@ import typer
 
 def register(app: typer.Typer) -> None:
     @app.command("models")
-    def models() -> None:
+    def models(as_json: bool = typer.Option(False, "--json", help="print the list as JSON")) -> None:
         """List known models: architecture, layers, heads, KV heads, head_dim, context, source, cached.
 
         Any Hugging Face id, local checkpoint directory or .gguf file works too, wherever --model is taken.
         """
         from kvdiag.models import list_models
+
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(list_models(), indent=1, default=str))
+            return
 
         header = f"{'name':20s} {'arch':8s} {'layers':>6s} {'heads':>5s} {'kv':>3s} {'d':>4s} {'context':>7s} cached  source"
         typer.echo(header)

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import typer
 
-from kvdiag.cli import friendly_errors
+from kvdiag.cli import friendly_errors, quiet, say
 
 EXAMPLES = """
 Runs spectrum/, recall/ and eval_<task>/ sub-runs (text2json, multineedle, html2tsv or
 html2tsv_synthetic, needle) into --out with the study's method configurations at their budgets,
 then writes report.md with tables, figures and a verdict per claim of the study. Re-running with
-the same --out skips finished stages and resumes unfinished ones.
+the same --out skips finished stages and resumes unfinished ones; --overwrite starts afresh (the new
+run replaces the old one only once it has finished). An --out holding another kind of run is refused.
 
 \b
 Examples:
@@ -43,6 +44,9 @@ def register(app: typer.Typer) -> None:
         figures_dir: Path = typer.Option(
             None, "--figures-dir", help="also copy report.md and its PNGs there (e.g. figures)"
         ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="replace the run in --out instead of resuming it"
+        ),
     ) -> None:
         """Reproduce arXiv 2604.08426 on one model and write DIR/report.md."""
         import matplotlib
@@ -52,6 +56,7 @@ def register(app: typer.Typer) -> None:
 
         result = run_reproduce(
             model or "qwen2.5-coder-0.5b", out, quick=quick, device=device, data_dir=data_dir, n=n,
-            figures_dir=figures_dir, echo=lambda line: typer.echo(line, err=True),
+            figures_dir=figures_dir, echo=lambda line: say(line, err=True), overwrite=overwrite,
+            progress=not quiet(),
         )  # fmt: skip
-        typer.echo(f"{result['report']} ({result['seconds']:.0f} s)")
+        say(f"{result['report']} ({result['seconds']:.0f} s)")

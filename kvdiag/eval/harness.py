@@ -341,21 +341,25 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
              budgets: Sequence[float | int] = DEFAULT_BUDGETS, task_knobs: dict | None = None, n: int = 4,
              target_tokens: int = 2048, max_new_tokens: int = 256, seed: int = 0, chat: bool | None = None,
              data_dir=None, device: str | None = "cpu", dtype=None, fidelity: bool = True,
-             figures: bool = True, progress: bool = True, shared_prefill: bool = True) -> dict:  # fmt: skip
+             figures: bool = True, progress: bool = True, shared_prefill: bool = True,
+             overwrite: bool = False) -> dict:  # fmt: skip
     """The `kvdiag eval` pipeline (see the module docstring); resumes into an existing `out`.
 
     methods: specs ("shadowkv:rank=320", "yakv@3.125%"), Method objects or (method, budget) pairs,
     default every method but exact; budgets: fractions of the prompt in (0, 1] or token counts, for the
     methods without their own; task_knobs: the task's knobs (typed values); data_dir: sets the task's
     `data_dir` knob; chat: None = the chat template when the tokenizer has one; shared_prefill: False
-    prefills every cell on its own (plain `generate`, slower; the same tokens). Every input is
-    validated before the model loads and before anything is written.
+    prefills every cell on its own (plain `generate`, slower; the same tokens); overwrite: replace the
+    run in `out` instead of resuming it (the new run is staged beside it and swapped in when it has
+    finished; `kvdiag.runs.replacing_run_dir`). Every input is validated before the model loads and
+    before anything is written.
     Returns {"out", "predictions", "table", "figures", "cells", "new_cells", "seconds", "scores"}.
     """
+    call = dict(locals())
     from tqdm.auto import tqdm
 
     from kvdiag.models import load_model, load_tokenizer, resolve_device
-    from kvdiag.runs import write_manifest, write_table
+    from kvdiag.runs import claim_run_dir, holds_run, replacing_run_dir, write_manifest, write_table
     from kvdiag.tasks import get_task
 
     start = time.perf_counter()
@@ -374,7 +378,16 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
             raise KvdiagError(f"{name} must be an integer ≥ 1, got {value!r}")
     device = resolve_device(device)
     out = Path(out).expanduser()
-    check_out(out)
+    claim_run_dir(out, "eval", overwrite=overwrite)
+    if overwrite and holds_run(out):
+        with replacing_run_dir(out) as staging:
+            result = run_eval(**{**call, "out": staging, "overwrite": False})
+        moved = {
+            k: out / Path(v).relative_to(staging)
+            for k, v in result.items()
+            if k in ("out", "predictions", "table")
+        }
+        return {**result, **moved, "figures": [out / Path(p).relative_to(staging) for p in result["figures"]]}
     context = _context_length(model)
     if context is not None and target_tokens > context:
         raise KvdiagError(

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +17,14 @@ import pandas as pd
 
 from kvdiag.errors import KvdiagError
 from kvdiag.eval.store import EXACT, RESULTS, score_table
-from kvdiag.plots import save_figure, style
+from kvdiag.plots import run_manifest, save_figure, style
 from kvdiag.plots.recall import _colors, _percent_ticks
+from kvdiag.runs import read_table
 
 
 def _title(run_dir: Path) -> tuple[str, str]:
     """(figure title, score axis label) from the manifest."""
-    path = run_dir / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {}
+    manifest = run_manifest(run_dir)
     config = manifest.get("config", {})
     title = f"{config.get('model', '?')} on {config.get('task', '?')}, n = {config.get('n', '?')}"
     return title, f"{manifest.get('metric', 'score')} (0-100)"
@@ -123,7 +122,7 @@ def plot_eval_run(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not (run_dir / RESULTS).exists():
         raise KvdiagError(f"{run_dir} is not a finished eval run directory (missing {RESULTS})")
-    table = pd.read_parquet(run_dir / RESULTS)
+    table = read_table(run_dir / RESULTS)
     if table.empty:
         raise KvdiagError(f"{run_dir / RESULTS} has no rows")
     summary = score_table(table)

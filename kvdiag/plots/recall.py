@@ -22,6 +22,7 @@ import pandas as pd
 
 from kvdiag.errors import KvdiagError
 from kvdiag.plots import run_config, save_figure, style
+from kvdiag.runs import read_table
 
 FOCUS_FRACTION = 0.03125
 ERRORS = {"err_selection": "selection loss", "err_key": "key loss", "err_total": "total"}
@@ -208,7 +209,7 @@ def plot_recall_run(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not (run_dir / "recall.parquet").exists():
         raise KvdiagError(f"{run_dir} is not a recall run directory (missing recall.parquet)")
-    table = pd.read_parquet(run_dir / "recall.parquet")
+    table = read_table(run_dir / "recall.parquet")
     if table.empty:
         raise KvdiagError(f"{run_dir / 'recall.parquet'} has no rows")
     title = _title(run_dir)

@@ -10,6 +10,7 @@ import pandas as pd
 from kvdiag.analysis.lowrank import SHADOWKV_CHANNELS, SHADOWKV_RANK
 from kvdiag.errors import KvdiagError
 from kvdiag.plots import run_config, save_figure, style
+from kvdiag.runs import read_table
 
 STAGE_TITLES = {"pre_rope": "pre-RoPE keys", "post_rope": "post-RoPE keys"}
 
@@ -114,13 +115,13 @@ def plot_spectrum_run(run_dir: str | Path) -> list[Path]:
     title = _title(run_dir)
     out = run_dir / "figures"
     paths = []
-    summary = pd.read_parquet(run_dir / "spectrum_summary.parquet")
+    summary = read_table(run_dir / "spectrum_summary.parquet")
     channels = int(summary.loc[summary.kv_head == -1, "dim"].max())
     with style():
-        spectrum = pd.read_parquet(run_dir / "spectrum.parquet")
+        spectrum = read_table(run_dir / "spectrum.parquet")
         paths += save_figure(energy_vs_rank(spectrum, title, channels), out, "energy_vs_rank")
         paths += save_figure(rank_heatmap(summary, 95, title), out, "rank95_heatmap")
         if (run_dir / "lowrank_damage.parquet").exists():
-            damage = pd.read_parquet(run_dir / "lowrank_damage.parquet")
+            damage = read_table(run_dir / "lowrank_damage.parquet")
             paths += save_figure(lowrank_damage_plot(damage, title), out, "lowrank_damage")
     return paths

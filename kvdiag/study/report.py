@@ -397,7 +397,10 @@ def write_report(out: str | Path, info: dict) -> Path:
             )
         )  # fmt: skip
         + " Budgets are fractions of the prompt; GPU bytes / token are the method's resident index per "
-        "prompt token and layer (exact: bf16 K+V). KL and top-1 agreement are teacher-forced on the gold answer.",
+        "prompt token and layer (exact: bf16 K+V). KL and top-1 agreement are teacher-forced on the gold answer."
+        + "".join(
+            f" Not run on this model: {t} ({why})." for t, why in config.get("skipped_tasks", {}).items()
+        ),
         "",
         markdown_table(
             ["configuration", "method", "budget"],

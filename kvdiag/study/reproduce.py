@@ -200,20 +200,22 @@ def _stage_done(out: Path, name: str, stage_config: dict, previous: dict | None,
 
 def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cpu", data_dir=None,
                   n: int | None = None, config: ReproduceConfig | None = None, figures_dir=None,
-                  progress: bool = True, echo=print) -> dict:  # fmt: skip
+                  progress: bool = True, echo=print, overwrite: bool = False) -> dict:  # fmt: skip
     """Run every stage into `out` (skipping finished ones), then write out/report.md.
 
     quick: `quick_config()` (CPU) instead of `full_config()`; config: an explicit configuration
     (overrides quick); n: samples per task (overrides the configuration's); data_dir: the folder
     holding the tasks' data (LongProc HTML→TSV, NeedleBench); figures_dir: also export the report and
     its PNGs there (`kvdiag.study.report.export_report`). echo: where the per-stage progress lines go.
+    overwrite: start afresh instead of resuming a reproduce run in `out` (or replace a run of another
+    kind there); the new run is staged beside `out` and swapped in when it has finished.
     Returns {"out", "report", "stages": {name: seconds or "skipped"}, "seconds"}.
     """
+    call = dict(locals())
     from kvdiag.analysis.recall import check_budget, method_label
     from kvdiag.eval.harness import _context_length
-    from kvdiag.eval.store import check_out
     from kvdiag.models import resolve_device
-    from kvdiag.runs import write_manifest
+    from kvdiag.runs import claim_run_dir, holds_run, replacing_run_dir, write_manifest
     from kvdiag.study.report import export_report, write_report
 
     start = time.perf_counter()
@@ -227,7 +229,11 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
         check_budget(b)
     device = resolve_device(device)
     out = Path(out).expanduser()
-    check_out(out)
+    previous = claim_run_dir(out, "reproduce", overwrite=overwrite)
+    if overwrite and holds_run(out):
+        with replacing_run_dir(out) as staging:
+            result = run_reproduce(**{**call, "out": staging, "overwrite": False})
+        return {**result, "out": out, "report": out / Path(result["report"]).relative_to(staging)}
     _context_length(model)  # an unknown model name fails here, with did-you-mean help
     family = model_family(model)
     html_task = _html2tsv_task(config, data_dir)
@@ -238,33 +244,33 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
         elif plan.task == "html2tsv":
             plan = dataclasses.replace(plan, knobs={k: v for k, v in plan.knobs.items() if k != "n_items"})
         plans.append(plan)
+    plans, skipped = fit_plans(model, plans, echo)
     top = {"model": model, "device": device, "family": family, "html2tsv_task": html_task,
            "data_dir": None if data_dir is None else str(data_dir), "quick": quick, **config.to_json()}  # fmt: skip
     top["tasks"] = [dataclasses.asdict(p) for p in plans]
-    previous = None
-    if (out / "manifest.json").exists():
-        previous = json.loads((out / "manifest.json").read_text())
-        if previous.get("command") != "reproduce":
-            raise KvdiagError(
-                f"{out} holds a {previous.get('command')!r} run, not a reproduce run; use a new --out"
-            )
+    if skipped:
+        top["skipped_tasks"] = skipped
+    if previous is not None:
         differing = sorted(
             k for k in set(top) | set(previous["config"]) if top.get(k) != previous["config"].get(k)
         )
         if differing:
             raise KvdiagError(
                 f"cannot resume into {out}: its reproduce configuration differs in {', '.join(differing)}; "
-                "use the same options or a new --out"
+                "use the same options, a new --out, or --overwrite"
             )
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, dict] = dict((previous or {}).get("stages", {}))
     timings: dict[str, Any] = {}
 
+    # how run_reproduce was called, for `kvdiag rerun` (the configuration itself is `top`)
+    call_args = {"quick": quick, "n": n, "custom_config": custom}
+
     def record(name: str, stage_config: dict, seconds: float | None) -> None:
         stages[name] = {"config": stage_config, "status": "complete", "seconds": seconds}
-        write_manifest(out, "reproduce", top, {"stages": stages, "status": "running"})
+        write_manifest(out, "reproduce", top, {"stages": stages, "status": "running", "call": call_args})
 
-    write_manifest(out, "reproduce", top, {"stages": stages, "status": "running"})
+    write_manifest(out, "reproduce", top, {"stages": stages, "status": "running", "call": call_args})
     stage_names = ["spectrum", "recall", *(f"eval_{p.task}" for p in plans)]
     total = len(stage_names)
 
@@ -289,7 +295,8 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     from kvdiag.analysis.spectrum import run_spectrum
 
     stage("spectrum", analysis, "manifest.json", lambda: run_spectrum(
-        model, out / "spectrum", prompt=text, device=device, max_tokens=config.analysis_tokens))  # fmt: skip
+        model, out / "spectrum", prompt=text, device=device, max_tokens=config.analysis_tokens,
+        overwrite=True, progress=progress))  # fmt: skip
 
     from kvdiag.analysis.recall import run_recall
 
@@ -302,7 +309,8 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
                      "methods": [method_label(m) for m in recall_methods], "budgets": recall_budgets}  # fmt: skip
     stage("recall", recall_config, "recall.parquet", lambda: run_recall(
         model, out / "recall", methods=recall_methods, budgets=recall_budgets, layers=layers, prompt=text,
-        n_queries=config.recall_queries, device=device, max_tokens=config.analysis_tokens))  # fmt: skip
+        n_queries=config.recall_queries, device=device, max_tokens=config.analysis_tokens, overwrite=True,
+        progress=progress))  # fmt: skip
 
     from kvdiag.eval.harness import run_eval
 
@@ -327,14 +335,49 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
                                .method.outlier_chunks for p in plans}}  # fmt: skip
     report = write_report(out, info)
     seconds = round(time.perf_counter() - start, 1)
-    write_manifest(
-        out, "reproduce", top, {"stages": stages, "status": "complete", "seconds_last_run": seconds}
-    )
+    write_manifest(out, "reproduce", top, {"stages": stages, "status": "complete", "seconds_last_run": seconds,
+                                           "call": call_args})  # fmt: skip
     echo(f"report: {report}")
     if figures_dir is not None:
         exported = export_report(out, figures_dir)
         echo(f"exported report and {len(exported) - 1} figures to {figures_dir}")
     return {"out": out, "report": report, "stages": timings, "seconds": seconds}
+
+
+def fit_plans(model: str, plans: list[TaskPlan], echo=print) -> tuple[list[TaskPlan], dict[str, str]]:
+    """The plans whose samples this model can take, checked with its tokenizer before any stage runs.
+
+    A task whose prompt without filler is longer than the plan's `target_tokens` in this tokenizer
+    (the tiny models count bytes) gets that shortest prompt as its target, when it fits the context
+    with the plan's new tokens; otherwise it is skipped. Both are said through `echo` and the skipped
+    ones returned as {task: reason} (they go into the manifest and the report)."""
+    from kvdiag.eval.harness import _context_length, encode
+    from kvdiag.models import load_tokenizer
+    from kvdiag.tasks import get_task
+    from kvdiag.tasks.base import PromptTooLong
+
+    tokenizer = load_tokenizer(model)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    context = _context_length(model)
+    kept, skipped = [], {}
+    for plan in plans:
+        task = get_task(plan.task, **plan.knobs)
+        try:
+            samples = task.samples(plan.n, seed=0, tokenizer=tokenizer, target_tokens=plan.target_tokens)
+        except PromptTooLong as err:
+            echo(f"{plan.task}: its shortest prompt has {err.min_tokens} tokens in {model}'s tokenizer, more than "
+                 f"the planned {plan.target_tokens}: using {err.min_tokens}")  # fmt: skip
+            plan = dataclasses.replace(plan, target_tokens=err.min_tokens)
+            samples = task.samples(plan.n, seed=0, tokenizer=tokenizer, target_tokens=plan.target_tokens)
+        longest = max(encode(tokenizer, s, chat).shape[1] for s in samples)
+        if context is not None and longest + plan.max_new_tokens > context:
+            reason = (f"{longest} prompt tokens + {plan.max_new_tokens} new tokens exceed {model}'s context of "
+                      f"{context}")  # fmt: skip
+            echo(f"{plan.task}: skipped, {reason}")
+            skipped[plan.task] = reason
+            continue
+        kept.append(plan)
+    return kept, skipped
 
 
 def _reads_data(task: str) -> bool:
