@@ -73,7 +73,7 @@ def budget_label(budget: float | int, method: str | None = None) -> str:
         budget = int(budget)  # a token count read back from a float column
     if isinstance(budget, int) and not isinstance(budget, bool):
         return f"{budget} tokens"
-    return f"{100 * budget:.4g} %"
+    return f"{100 * budget:.6g} %"
 
 
 def split_method_budget(item) -> tuple[Method | str, float | int | None]:
