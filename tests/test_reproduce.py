@@ -197,7 +197,11 @@ def test_reproduce_end_to_end_then_everything_is_reused(tmp_path, monkeypatch, o
     flat = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", exported)
     assert len(flat) == len(links) and all((tmp_path / "figures" / f).exists() for f in flat)
     assert "eval_text2json-score_vs_bytes.png" in flat
-    assert {p.suffix for p in (tmp_path / "figures").iterdir()} == {".md", ".png"}
+    assert {p.suffix for p in (tmp_path / "figures").iterdir()} == {".md", ".png", ".csv"}
+    scores = pd.read_csv(tmp_path / "figures" / "eval_text2json-scores.csv")
+    by_hand = t2j.groupby("method").score.mean()  # the reference numbers a notebook loads
+    for method, mean in by_hand.items():
+        assert scores.loc[scores.method == method, "score_mean"].mean() == pytest.approx(mean)
 
     from kvdiag.plots import plot_run
 

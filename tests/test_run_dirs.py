@@ -121,6 +121,17 @@ def test_eval_resumes_its_own_run_and_overwrite_starts_afresh(runs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
 
 
+def test_the_eval_summary_prints_budgets_as_asked(runs, tmp_path):
+    out = copy_run(runs, "eval", tmp_path)
+    lines = ok(*EVAL, "--out", out).stdout.splitlines()
+    assert lines[0].split()[:3] == ["method", "budget", "budget_tokens"]
+    exact = next(line for line in lines if line.startswith(" exact") or line.startswith("exact"))
+    oracle = next(line for line in lines if line.strip().startswith("oracle"))
+    assert exact.split()[1] == "all"  # not "1", which the CLI's own budget rule reads as one token
+    prompt_tokens = json.loads((out / "manifest.json").read_text())["samples"][0]["prompt_tokens"]
+    assert oracle.split()[1:4] == ["6.25", "%", str(-(-prompt_tokens // 16))]  # ceil(L / 16) tokens
+
+
 def test_a_damaged_manifest_is_named_and_overwrite_replaces_it(runs, tmp_path):
     out = copy_run(runs, "spectrum", tmp_path)
     (out / "manifest.json").write_text('{"command": "spectrum", ')

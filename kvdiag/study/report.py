@@ -445,7 +445,9 @@ IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)]+\.png)\)")
 
 def export_report(run_dir: str | Path, dest: str | Path) -> list[Path]:
     """Copy run_dir/report.md and the PNGs it embeds into dest (flat names: eval_text2json/figures/x.png
-    -> eval_text2json-x.png), rewriting its links; PNG only. Returns the written paths."""
+    -> eval_text2json-x.png), rewriting its links, and each eval stage's score summary
+    (`score_table`) as eval_<task>-scores.csv, the reference numbers notebooks can load. Returns the
+    written paths."""
     run_dir, dest = Path(run_dir), Path(dest)
     report = run_dir / "report.md"
     if not report.exists():
@@ -463,4 +465,11 @@ def export_report(run_dir: str | Path, dest: str | Path) -> list[Path]:
 
     text = IMAGE_LINK.sub(copy, report.read_text())
     (dest / "report.md").write_text(text)
+    from kvdiag.eval.store import RESULTS, score_table
+    from kvdiag.runs import atomic_write_bytes
+
+    for results in sorted(run_dir.glob(f"eval_*/{RESULTS}")):
+        target = dest / f"{results.parent.name}-scores.csv"
+        atomic_write_bytes(target, score_table(results.parent).to_csv(index=False).encode())
+        written.append(target)
     return [dest / "report.md", *written]
