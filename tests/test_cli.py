@@ -161,12 +161,12 @@ def test_a_prompt_file_in_another_encoding_reads_with_encoding(tmp_path):
     result = spectrum(tmp_path / "run", "--prompt-file", prompt, "--encoding", "latin-1", "--layers", "0")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "prompt.txt").read_text(encoding="utf-8") == "Café, crème brûlée et façade."
-    n_utf8 = len("Café, crème brûlée et façade.".encode("utf-8")) + 1  # the byte tokenizer sees UTF-8 text
+    n_utf8 = len("Café, crème brûlée et façade.".encode()) + 1  # the byte tokenizer sees UTF-8 text
     check_run(tmp_path / "run", [0], n_utf8)
 
 
 def test_the_built_in_text_is_cut_to_the_tiny_models_context(tmp_path, caplog):
-    result = spectrum(tmp_path / "run", "--layers", "-1")
+    result = spectrum(tmp_path / "run", "--layers=-1")  # documented: -1 is the last layer
     assert result.exit_code == 0, result.output
     assert "layers 3," in result.stdout  # -1 is the last of layers 0..3
     text = (tmp_path / "run" / "prompt.txt").read_text(encoding="utf-8")
