@@ -40,8 +40,8 @@ def _prompt(run_dir: Path, config: dict) -> dict:
     if source == "built-in sample":
         return {}
     raise KvdiagError(
-        f"{run_dir} does not hold the prompt it analysed (prompt.txt; runs of kvdiag before 0.1.0's "
-        f"rerun did not keep it; its source was {source or 'unknown'}): run the command again by hand"
+        f"{run_dir} does not hold the prompt it analysed (no prompt.txt: the run predates it; its source "
+        f"was {source or 'unknown'}); run the command again by hand"
     )
 
 
