@@ -35,13 +35,15 @@ where = {}
 for name in names:
     module = importlib.import_module(name)
     where[name] = list(module.__path__)
-from kvdiag.quant.grids import grid_names, load_grid
+from kvdiag.quant.grids import grid_names, grid_shape, load_grid
 from kvdiag.plots import style
-grids = {name: list(load_grid(name).shape) for name in grid_names()}
+grids = {name: [list(load_grid(name).shape), list(grid_shape(name))] for name in grid_names()}
 with style():
     import matplotlib
     constrained = bool(matplotlib.rcParams["figure.constrained_layout.use"])
-print(json.dumps({"file": kvdiag.__file__, "where": where, "grids": grids, "style": constrained}))
+from importlib.resources import files
+data = sorted(str(p.relative_to(files("kvdiag"))) for p in files("kvdiag").joinpath("data").rglob("*") if p.is_file())
+print(json.dumps({"file": kvdiag.__file__, "where": where, "grids": grids, "style": constrained, "data": data}))
 """
 
 
@@ -81,5 +83,12 @@ def test_the_wheel_installs_every_package_and_its_data(tmp_path):
     assert Path(result["file"]).is_relative_to(target), result["file"]  # not the source tree
     for name, paths in result["where"].items():
         assert paths and all(Path(p).is_relative_to(target) for p in paths), (name, paths)
-    assert result["grids"]["EDEN2-256"] == [256, 2] and len(result["grids"]) >= 8
+    assert len(result["grids"]) >= 8
+    for name, (loaded, declared) in result["grids"].items():
+        assert sorted(loaded) == sorted(declared) and len(loaded) == 2, name  # loads, with its declared size
     assert result["style"] is True
+    shipped = sorted(
+        str(p.relative_to(ROOT / "kvdiag")) for p in (ROOT / "kvdiag" / "data").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )  # fmt: skip
+    assert result["data"] == shipped  # every data file of the source tree is installed
