@@ -150,16 +150,15 @@ def _describe(manifest: dict) -> str:
     return f"a {manifest['command']} run" + (f" ({details})" if details else "")
 
 
-def claim_run_dir(out: str | Path, command: str, *, overwrite: bool = False) -> dict | None:
+def claim_run_dir(out: str | Path, command: str | None, *, overwrite: bool = False) -> dict | None:
     """May `command` write its run into `out`? Checked before any long work; nothing is created.
 
     Returns the existing manifest when `out` holds a run of `command` that it resumes (eval,
     reproduce; the caller then compares configurations), else None (a new run, or `overwrite`).
-    Raises a KvdiagError naming the run that is there otherwise (see the module docstring)."""
+    Raises a KvdiagError naming the run that is there otherwise (see the module docstring).
+    command None (a caller that does not name its kind) refuses every existing run."""
     out = Path(out).expanduser()
-    check_writable(out)
-    if out.exists() and not out.is_dir():
-        raise KvdiagError(f"--out {out} is not a writable directory (it is a file)")
+    check_writable(out)  # also refuses a file
     if not holds_run(out):
         return None
     try:
@@ -172,10 +171,11 @@ def claim_run_dir(out: str | Path, command: str, *, overwrite: bool = False) -> 
         ) from None
     if overwrite:
         return None
-    if manifest["command"] != command:
+    if command is None or manifest["command"] != command:
+        wanted = f", not a {command} run" if command else ""
         raise KvdiagError(
-            f"--out {out} holds {_describe(manifest)}, not a {command} run; choose a new --out, or pass "
-            f"--overwrite to replace it"
+            f"--out {out} holds {_describe(manifest)}{wanted}; choose a new --out, or pass --overwrite to "
+            f"replace it"
         )
     if command in RESUMABLE:
         return manifest
@@ -309,7 +309,7 @@ def replacing_run_dir(out: str | Path):
 
 
 @contextlib.contextmanager
-def staged_run_dir(out: str | Path, command: str, *, overwrite: bool = False):
+def staged_run_dir(out: str | Path, command: str | None = None, *, overwrite: bool = False):
     """The run directory of a one-shot command (spectrum, recall): `claim_run_dir`, then yield a
     staging directory; on success its files move into `out` (or, with `overwrite` over an existing
     run, the staged run replaces `out` whole), on any error nothing is left behind (and `out` is

@@ -142,6 +142,20 @@ def test_a_damaged_manifest_is_named_and_overwrite_replaces_it(runs, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["command"] == "spectrum"
 
 
+def test_a_caller_that_does_not_name_its_kind_is_refused_any_run(runs, tmp_path):
+    from kvdiag.runs import staged_run_dir
+
+    out = copy_run(runs, "recall", tmp_path)
+    with pytest.raises(
+        KvdiagError, match=r"holds a recall run \(model tiny-llama, created .*\); choose a new"
+    ):
+        with staged_run_dir(out):
+            pass
+    with staged_run_dir(tmp_path / "new") as stage:  # a new directory is fine
+        (stage / "table.parquet").write_bytes(b"x")
+    assert (tmp_path / "new" / "table.parquet").exists()
+
+
 def test_swapping_without_an_atomic_exchange_still_replaces(monkeypatch, tmp_path):
     import kvdiag.runs as runs_module
 
