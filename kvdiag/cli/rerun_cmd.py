@@ -68,12 +68,15 @@ def rerun_arguments(run_dir: Path, manifest: dict, device: str | None = None) ->
             args["methods"] = [m["label"] for m in config["methods"]]
             args["budgets"] = [b["given"] for b in config["budgets"]]
         return args
-    if kind == "eval":
-        keys = ("model", "task", "methods", "budgets", "n", "seed", "target_tokens", "max_new_tokens", "chat",
-                "dtype", "fidelity")  # fmt: skip
-        knobs = dict(config.get("task_knobs") or {})
-        data_dir = knobs.pop("data_dir", None)
-        return {**{k: config[k] for k in keys}, "task_knobs": knobs, "data_dir": data_dir, "device": device}
+    if kind == "eval":  # every recorded config key that run_eval takes (methods as "label@budget")
+        import inspect
+
+        from kvdiag.eval.harness import run_eval
+
+        takes = set(inspect.signature(run_eval).parameters) - {"out", "overwrite", "progress", "figures"}
+        args = {k: v for k, v in config.items() if k in takes}
+        knobs = dict(args.pop("task_knobs", None) or {})
+        return {**args, "task_knobs": knobs, "data_dir": knobs.pop("data_dir", None), "device": device}
     if kind == "reproduce":
         call = manifest.get("call") or {}
         args = {"model": config["model"], "device": device, "data_dir": config.get("data_dir"),
