@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml | $(PY)
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/kvdiag spectrum --model smollm2-135m --out $(DEMO_OUT)
+	$(VENV)/bin/kvdiag spectrum --model smollm2-135m --out $(DEMO_OUT) --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto

@@ -48,7 +48,7 @@ def n_byte_tokens(text: str) -> int:
 
 def check_run(out, layers, n_tokens, model="tiny-llama"):
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["figures", "manifest.json", *(f"{t}.parquet" for t in TABLES)]
+        ["figures", "manifest.json", "prompt.txt", *(f"{t}.parquet" for t in TABLES)]
     )
     assert sorted(p.name for p in (out / "figures").iterdir()) == FIGURES
     for name, columns in TABLES.items():
@@ -135,6 +135,50 @@ def test_env_and_models():
     assert rows["smollm2-135m"][1:7] == ["llama", "30", "9", "3", "64", "8192"]
 
 
+def test_known_lists_end_their_sentence():
+    result = spectrum("unused", "--text", TEXT, "--model", "bert")
+    line = result.stderr.strip()
+    assert line.endswith(", tiny-qwen3."), line  # not "... 'bert' Known: ..." running on
+    assert "'bert'. Known: " in line
+
+
+def test_models_as_json():
+    result = kvdiag_cli("models", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert list(rows) == known_models()
+    assert (rows["tiny-llama"]["layers"], rows["tiny-llama"]["kv_heads"], rows["tiny-llama"]["head_dim"]) == (
+        4,
+        2,
+        16,
+    )
+    assert rows["smollm2-135m"]["context_length"] == 8192 and rows["tiny-gemma3"]["architecture"] == "gemma3"
+
+
+def test_a_prompt_file_in_another_encoding_reads_with_encoding(tmp_path):
+    prompt = tmp_path / "latin1.txt"
+    prompt.write_bytes("Café, crème brûlée et façade.".encode("latin-1"))
+    result = spectrum(tmp_path / "run", "--prompt-file", prompt, "--encoding", "latin-1", "--layers", "0")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "prompt.txt").read_text(encoding="utf-8") == "Café, crème brûlée et façade."
+    n_utf8 = len("Café, crème brûlée et façade.".encode()) + 1  # the byte tokenizer sees UTF-8 text
+    check_run(tmp_path / "run", [0], n_utf8)
+
+
+def test_the_built_in_text_is_cut_to_the_tiny_models_context(tmp_path, caplog):
+    result = spectrum(tmp_path / "run", "--layers=-1")  # documented: -1 is the last layer
+    assert result.exit_code == 0, result.output
+    assert "layers 3," in result.stdout  # -1 is the last of layers 0..3
+    text = (tmp_path / "run" / "prompt.txt").read_text(encoding="utf-8")
+    assert text.startswith("The Northern Instrument Cooperative") and text.rstrip().endswith(
+        "the number of items they registered."
+    )  # whole records, and the question kept
+    n_tokens = n_byte_tokens(text)
+    assert 1500 < n_tokens <= 2048
+    check_run(tmp_path / "run", [3], n_tokens)
+    assert "using its first" in caplog.text and "records" in caplog.text
+
+
 def test_help_shows_examples():
     result = kvdiag_cli("spectrum", "--help")
     assert result.exit_code == 0
@@ -161,6 +205,21 @@ ERRORS = {  # case: (arguments, what the one-line error must say)
     "max_tokens_0": (["--text", TEXT, "--max-tokens", "0"], "--max-tokens 0 must be ≥ 1"),
     "queries_0": (["--text", TEXT, "--queries", "0"], "--queries 0 must be ≥ 1"),
     "bad_dtype": (["--text", TEXT, "--dtype", "float8"], "unknown dtype 'float8'"),
+    "negative_layer": (
+        ["--text", TEXT, "--layers", "-5"],
+        "layer index -5 is out of range; the model has layers 0..3 (or -4..-1 counted from the end)",
+    ),
+    "no_close_model": (["--text", TEXT, "--model", "bert"], "unknown model 'bert'. Known: gemma3-270m, "),
+    "not_utf8": (
+        ["--prompt-file", "{tmp}/latin1.txt"],
+        "latin1.txt is not valid utf-8: byte 0xe9 at offset 3 (line 1) cannot be decoded; pass --encoding",
+    ),
+    "unknown_encoding": (
+        ["--prompt-file", "{tmp}/p.txt", "--encoding", "klingon"],
+        "--encoding 'klingon' is not",
+    ),
+    "missing_trace": (["--trace", "{tmp}/nowhere"], "nowhere holds no complete trace"),
+    "trace_and_text": (["--trace", "{tmp}/nowhere", "--text", TEXT], "--text cannot change it: drop them"),
 }
 
 
@@ -178,6 +237,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, out_exists, tmp_path):
         pytest.skip("there is a GPU")
     args, message = ERRORS[case]
     (tmp_path / "p.txt").write_text(TEXT)
+    (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
     out = tmp_path / "out"
     if out_exists:
         out.mkdir()
@@ -208,7 +268,7 @@ def test_plot_on_a_directory_that_is_not_a_run(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     check_one_line_error(kvdiag_cli("plot", tmp_path), "has no manifest.json")
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
-    check_one_line_error(kvdiag_cli("plot", tmp_path / "missing"), "has no manifest.json")
+    check_one_line_error(kvdiag_cli("plot", tmp_path / "missing"), "missing does not exist")
     assert not (tmp_path / "missing").exists()
     (tmp_path / "manifest.json").write_text(json.dumps({"command": "spectrum"}))
     check_one_line_error(kvdiag_cli("plot", tmp_path), "is not a spectrum run directory")

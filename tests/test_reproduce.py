@@ -96,10 +96,14 @@ def test_reproduce_end_to_end(full_run):
     flat = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", exported)
     assert len(flat) == len(links) and all((tmp / "figures" / f).exists() for f in flat)
     assert "eval_text2json-score_vs_bytes.png" in flat
-    assert {p.suffix for p in (tmp / "figures").iterdir() if p.is_file()} == {".md", ".png", ".json"}
+    assert {p.suffix for p in (tmp / "figures").iterdir() if p.is_file()} == {".md", ".png", ".json", ".csv"}
     assert sorted(p.name for p in (tmp / "figures" / "predictions").iterdir()) == sorted(
         f"{t}.jsonl" for t in TASKS
     )
+    scores = pd.read_csv(tmp / "figures" / "eval_text2json-scores.csv")
+    by_hand = t2j.groupby("method").score.mean()  # the reference numbers a notebook loads
+    for method, mean in by_hand.items():
+        assert scores.loc[scores.method == method, "score_mean"].mean() == pytest.approx(mean)
 
     from kvdiag.plots import plot_run
 
@@ -245,3 +249,27 @@ def test_cli_reproduce_errors_in_one_line(tmp_path):
                              env={"KVDIAG_DEBUG": None})  # fmt: skip
     assert bad.exit_code == 2 and "did you mean 'tiny-llama'" in bad.output
     assert not (tmp_path / "r").exists()
+
+
+def test_quick_plans_fit_a_tiny_model_before_any_stage_runs():
+    """`reproduce --quick --model tiny-llama` failed at its 5th stage: HTML→TSV's prompt without filler
+    has ~2400 byte tokens, over the 1200 planned and over the model's 2048-token context."""
+    from kvdiag.study.reproduce import TaskPlan, fit_plans
+
+    said = []
+    plans = [TaskPlan("html2tsv_synthetic", 1, 1200, 112, {"n_items": 4}),
+             TaskPlan("html2tsv_synthetic", 1, 1200, 8, {"n_items": 1}), TaskPlan("needle", 2, 1200, 24)]  # fmt: skip
+    kept, skipped = fit_plans("tiny-llama", plans, said.append)
+    assert list(skipped) == ["html2tsv_synthetic"]
+    assert "112 new tokens exceed tiny-llama's context of 2048" in skipped["html2tsv_synthetic"]
+    assert [p.task for p in kept] == ["html2tsv_synthetic", "needle"]
+    raised, needle = kept
+    assert 1200 < raised.target_tokens <= 2048 - 8 and needle.target_tokens == 1200
+    assert any(f"using {raised.target_tokens}" in line for line in said)
+    from kvdiag.models import load_tokenizer
+    from kvdiag.tasks import get_task
+
+    (sample,) = get_task("html2tsv_synthetic", n_items=1).samples(
+        1, seed=0, tokenizer=load_tokenizer("tiny-llama"), target_tokens=raised.target_tokens
+    )
+    assert len(sample.prompt_text.encode("utf-8")) == raised.target_tokens  # the page without filler

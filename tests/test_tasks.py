@@ -214,6 +214,34 @@ def test_length_within_5_percent_real_tokenizer(smollm_tokenizer, name):
 # ---------------------------------------------------------------- needles
 
 
+@pytest.mark.parametrize("data", [None, "shared"], ids=["builtin", "needlebench"])
+@pytest.mark.parametrize("target", [700, 900])
+def test_needle_haystack_fits_short_targets_in_a_byte_tokenizer(data, target):
+    """Whole stdlib / essay sentences are ~100 bytes: at 700 tokens no number of them came within 5 %
+    ("closest prompt 662 tokens"); the last sentence is now cut at a word."""
+    from kvdiag.models import load_tokenizer
+
+    if data and not HAVE_NEEDLEBENCH:
+        pytest.skip("NeedleBench data not found")
+    tokenizer = load_tokenizer("tiny-llama")  # one token per UTF-8 byte
+    samples = get_task("needle", data_dir=str(DATA_DIR) if data else None).samples(
+        4, seed=0, tokenizer=tokenizer, target_tokens=target
+    )
+    for s in samples:
+        actual = len(s.prompt_text.encode("utf-8"))  # counted independently: bytes
+        assert actual == s.meta["tokens"] and abs(actual - target) <= 0.05 * target, (s.id, actual)
+        assert s.gold[0]["needle"] in s.prompt_text
+    cut = [s for s in samples if s.meta["haystack_cut_words"] is not None]
+    assert cut, "no sample needed a cut sentence: the case this test is about did not occur"
+
+
+def test_needle_haystack_keeps_whole_sentences_when_they_fit():
+    (s,) = get_task("needle").samples(1, seed=0, target_tokens=4000)  # approximate counter, long target
+    assert s.meta["haystack_cut_words"] is None
+    document = s.prompt_text.split("<Document>\n")[1].split("\n</Document>")[0]
+    assert document.rstrip()[-1] in ".!?\"')", document[-80:]
+
+
 def _needle_sample(keywords: list[str]) -> Sample:
     gold = [{"depth": 10.0 * i, "keyword": k} for i, k in enumerate(keywords)]
     return Sample("n", [{"role": "user", "content": "..."}], gold)

@@ -346,25 +346,32 @@ def warn_over_budget(table: pd.DataFrame, factor: float = 2.0, column: str = "at
 # --- the `kvdiag recall` pipeline -------------------------------------------------------------------
 
 
-def run_recall(model: str, out, methods: Sequence[Method | str] | None = None, budgets=DEFAULT_BUDGETS,
+def run_recall(model: str | None, out, methods: Sequence[Method | str] | None = None, budgets=DEFAULT_BUDGETS,
                layers="all", prompt: str | None = None, prompt_file=None, task: str | None = None,
                n_queries: int = DEFAULT_QUERIES, device: str | None = "cpu", dtype=None,
                max_tokens: int | None = None, chat: bool = False, save_trace: bool = False,
-               cache_tokens: int | None = None) -> dict:  # fmt: skip
+               cache_tokens: int | None = None, *, encoding: str = "utf-8", trace=None,
+               overwrite: bool = False, progress: bool = True) -> dict:  # fmt: skip
     """The `kvdiag recall` pipeline: load, capture, `recall_table`, recall.parquet, manifest (figures:
     `kvdiag.plots.plot_run(out)`, as the command does).
 
-    Inputs (methods, budgets, queries, prompt source) are validated before the model loads, budgets
-    against L0 right after tokenising; results are staged and appear in `out` only on success.
-    Returns {"out", "table", "n_tokens", "n_context", "rows", "seconds"}.
+    model: a model spec (None: the default model, or the trace's with `trace`); trace: a directory
+    saved with --save-trace to analyse instead of capturing (no model is loaded); cache_tokens: see
+    `recall_table`; overwrite: replace a run already in `out` (`kvdiag.runs.claim_run_dir`). Inputs
+    (methods, budgets, queries, prompt source) are validated before the model loads, budgets against
+    L0 right after tokenising; results are staged and appear in `out` only on success; the analysed
+    text is kept as prompt.txt.
+    Returns {"out", "table", "n_tokens", "n_context", "rows", "layers", "seconds"}.
     """
     import time
 
     from kvdiag.capture import capture_prompt, resolve_layers
-    from kvdiag.models import load_model, resolve_device
+    from kvdiag.capture.trace import load_saved_trace
+    from kvdiag.capture.trace import trace_dir as trace_dir_of
+    from kvdiag.models import DEFAULT_MODEL, load_model, resolve_device
     from kvdiag.models.adapter import config_shapes
-    from kvdiag.models.prompts import read_prompt, tokenize_prompt
-    from kvdiag.runs import staged_run_dir, write_manifest, write_table
+    from kvdiag.models.prompts import builtin_prompt, read_prompt, tokenize_prompt
+    from kvdiag.runs import atomic_write_bytes, staged_run_dir, write_manifest, write_table
 
     start = time.perf_counter()
     methods = resolve_methods(methods)
@@ -375,7 +382,15 @@ def run_recall(model: str, out, methods: Sequence[Method | str] | None = None, b
         check_budget(b)
     if not isinstance(n_queries, int) or n_queries < 1:
         raise KvdiagError(f"--queries {n_queries!r} must be an integer ≥ 1")
-    if task is not None:
+    if trace is not None:
+        given = [name for name, value in (("--text", prompt), ("--prompt-file", prompt_file), ("--task", task),
+                 ("--max-tokens", max_tokens), ("--chat", chat or None)) if value is not None]  # fmt: skip
+        if given:
+            raise KvdiagError(
+                f"--trace analyses a saved capture; {', '.join(given)} cannot change it: drop them"
+            )
+        source = f"trace {trace}"
+    elif task is not None:
         if prompt is not None or prompt_file is not None:
             raise KvdiagError("give --task or a prompt (--text / --prompt-file), not both")
         from kvdiag.tasks import get_task
@@ -383,24 +398,44 @@ def run_recall(model: str, out, methods: Sequence[Method | str] | None = None, b
         get_task(task)  # unknown names fail before the model loads
         source = f"task {task} (sample 0, seed 0)"
     else:
-        text = read_prompt(prompt_file, prompt)
+        text = read_prompt(prompt_file, prompt, encoding)
         source = str(prompt_file) if prompt_file else ("--text" if prompt else "built-in sample")
     device = resolve_device(device)
-    with staged_run_dir(out) as stage:
-        net, tokenizer = load_model(model, device=device, dtype=dtype)
-        if task is not None:
-            samples = get_task(task).samples(1, seed=0, tokenizer=tokenizer, target_tokens=max_tokens or 2048)
-            text = samples[0].prompt_text
-        chosen = resolve_layers(layers, config_shapes(net.config)["layers"])
-        input_ids = tokenize_prompt(tokenizer, text, model=net, chat=chat, max_tokens=max_tokens)
-        n_ctx = int(resolve_positions(input_ids.shape[1], None, n_queries)[0])
-        for b in budgets:
-            resolve_budget(b, n_ctx)  # a budget above L0 fails before the capture
-        trace = capture_prompt(net, tokenizer, text, input_ids=input_ids, layers=chosen)
-        if save_trace:
-            trace.save(stage / "trace")
+    with staged_run_dir(out, "recall", overwrite=overwrite) as stage:
+        if trace is not None:
+            trace_dir = trace
+            trace, model, chosen = load_saved_trace(trace_dir, model, layers, device)
+            n_ctx = int(resolve_positions(trace.n_tokens, None, n_queries)[0])
+            for b in budgets:
+                resolve_budget(b, n_ctx)
+        else:
+            model = model or DEFAULT_MODEL
+            net, tokenizer = load_model(model, device=device, dtype=dtype)
+            if task is not None:
+                samples = get_task(task).samples(
+                    1, seed=0, tokenizer=tokenizer, target_tokens=max_tokens or 2048
+                )
+                text = samples[0].prompt_text
+            elif text is None:
+                text = builtin_prompt(tokenizer, net, chat)
+            chosen = resolve_layers(layers, config_shapes(net.config)["layers"])
+            input_ids = tokenize_prompt(tokenizer, text, model=net, chat=chat, max_tokens=max_tokens)
+            n_ctx = int(resolve_positions(input_ids.shape[1], None, n_queries)[0])
+            for b in budgets:
+                resolve_budget(b, n_ctx)  # a budget above L0 fails before the capture
+            trace = capture_prompt(net, tokenizer, text, input_ids=input_ids, layers=chosen)
+            atomic_write_bytes(stage / "prompt.txt", text.encode("utf-8"))
+            if save_trace:
+                trace.save(stage / "trace")
         table = recall_table(
-            trace, methods, budgets, n_queries=n_queries, device=device, cache_tokens=cache_tokens
+            trace,
+            methods,
+            budgets,
+            layers=chosen,
+            n_queries=n_queries,
+            device=device,
+            progress=progress,
+            cache_tokens=cache_tokens,
         )
         info = table.attrs.pop("recall")
         write_table(table, stage / "recall.parquet")
@@ -418,10 +453,12 @@ def run_recall(model: str, out, methods: Sequence[Method | str] | None = None, b
                            "mean over query positions (column n_queries)",
             "rows": len(table), "seconds": round(time.perf_counter() - start, 1), "trace_saved": save_trace,
         }  # fmt: skip
+        if source.startswith("trace "):
+            extra["trace"] = str(trace_dir_of(trace_dir).expanduser().absolute())
         write_manifest(stage, "recall", config, extra)
     out = Path(out).expanduser()
     return {
         "out": out, "table": out / "recall.parquet",
-        "n_tokens": trace.n_tokens, "n_context": info["n_context"], "rows": len(table),
+        "n_tokens": trace.n_tokens, "n_context": info["n_context"], "rows": len(table), "layers": chosen,
         "seconds": time.perf_counter() - start,
     }  # fmt: skip

@@ -91,7 +91,7 @@ def key_spectrum(trace, layers=None, center: bool = False, progress: bool = True
 
 
 def run_spectrum(
-    model: str,
+    model: str | None,
     out,
     prompt: str | None = None,
     prompt_file=None,
@@ -102,48 +102,84 @@ def run_spectrum(
     chat: bool = False,
     n_queries: int = 64,
     center: bool = False,
+    *,
+    encoding: str = "utf-8",
+    trace=None,
+    save_trace: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> dict:
     """The `kvdiag spectrum` pipeline: load, capture, spectra, low-rank damage, tables, manifest
     (figures: `kvdiag.plots.plot_run(out)`, as the command does).
 
-    Inputs are validated before any heavy work; results are staged and moved into `out` only when
-    everything succeeded. Returns {"out", "tables", "n_tokens", "seconds"}.
+    model: a model spec (None: the default model, or the trace's with `trace`); prompt / prompt_file
+    (decoded with `encoding`): the text, else the built-in sample sized to the model's context;
+    trace: a directory saved with --save-trace to analyse instead of capturing (no model is loaded);
+    save_trace: also write the capture to `out`/trace; overwrite: replace a run already in `out`
+    (`kvdiag.runs.claim_run_dir`). Inputs are validated before any heavy work; results are staged
+    and moved into `out` only when everything succeeded; the analysed text is kept as prompt.txt.
+    Returns {"out", "tables", "n_tokens", "layers", "seconds"}.
     """
     import time
 
     from kvdiag.analysis.lowrank import lowrank_damage
     from kvdiag.capture import capture_prompt, resolve_layers
-    from kvdiag.models import load_model, resolve_device
+    from kvdiag.capture.trace import load_saved_trace
+    from kvdiag.capture.trace import trace_dir as trace_dir_of
+    from kvdiag.models import DEFAULT_MODEL, load_model, resolve_device
     from kvdiag.models.adapter import config_shapes
-    from kvdiag.models.prompts import read_prompt, tokenize_prompt
-    from kvdiag.runs import staged_run_dir, write_manifest, write_table
+    from kvdiag.models.prompts import builtin_prompt, read_prompt, tokenize_prompt
+    from kvdiag.runs import atomic_write_bytes, staged_run_dir, write_manifest, write_table
 
     start = time.perf_counter()
     device = resolve_device(device)
-    text = read_prompt(prompt_file, prompt)
+    if trace is not None:
+        given = [name for name, value in (("--text", prompt), ("--prompt-file", prompt_file),
+                 ("--max-tokens", max_tokens), ("--chat", chat or None)) if value is not None]  # fmt: skip
+        if given:
+            raise KvdiagError(
+                f"--trace analyses a saved capture; {', '.join(given)} cannot change it: drop them"
+            )
+        text = None
+    else:
+        text = read_prompt(prompt_file, prompt, encoding)
     if n_queries < 1:
         raise KvdiagError(f"--queries {n_queries} must be ≥ 1")
-    with staged_run_dir(out) as stage:
-        net, tokenizer = load_model(model, device=device, dtype=dtype)
-        chosen = resolve_layers(layers, config_shapes(net.config)["layers"])
-        input_ids = tokenize_prompt(tokenizer, text, model=net, chat=chat, max_tokens=max_tokens)
-        trace = capture_prompt(net, tokenizer, text, input_ids=input_ids, layers=chosen)
-        spectrum, summary = key_spectrum(trace, center=center)
-        damage = lowrank_damage(trace, n_queries=n_queries)
+    with staged_run_dir(out, "spectrum", overwrite=overwrite) as stage:
+        if trace is not None:
+            trace_dir = trace
+            trace, model, chosen = load_saved_trace(trace_dir, model, layers, device)
+            source = f"trace {trace_dir}"
+        else:
+            model = model or DEFAULT_MODEL
+            net, tokenizer = load_model(model, device=device, dtype=dtype)
+            chosen = resolve_layers(layers, config_shapes(net.config)["layers"])
+            source = str(prompt_file) if prompt_file else ("--text" if prompt else "built-in sample")
+            text = builtin_prompt(tokenizer, net, chat) if text is None else text
+            input_ids = tokenize_prompt(tokenizer, text, model=net, chat=chat, max_tokens=max_tokens)
+            trace = capture_prompt(net, tokenizer, text, input_ids=input_ids, layers=chosen)
+            atomic_write_bytes(stage / "prompt.txt", text.encode("utf-8"))
+            if save_trace:
+                trace.save(stage / "trace")
+        spectrum, summary = key_spectrum(trace, layers=chosen, center=center, progress=progress)
+        damage = lowrank_damage(trace, layers=chosen, n_queries=n_queries, progress=progress)
         tables = {"spectrum": spectrum, "spectrum_summary": summary, "lowrank_damage": damage}
         for name, table in tables.items():
             write_table(table, stage / f"{name}.parquet")
         config = {
             "model": model, "layers": chosen, "device": device, "dtype": trace.meta["dtype"],
             "n_tokens": trace.n_tokens, "max_tokens": max_tokens, "chat": chat, "queries": n_queries,
-            "centered": center, "prompt_sha256": trace.meta.get("prompt_sha256"),
-            "prompt_source": str(prompt_file) if prompt_file else ("--text" if prompt else "built-in sample"),
+            "centered": center, "prompt_sha256": trace.meta.get("prompt_sha256"), "prompt_source": source,
         }  # fmt: skip
-        write_manifest(stage, "spectrum", config, {"shapes": trace.meta["shapes"]})
+        extra = {"shapes": trace.meta["shapes"], "trace_saved": save_trace}
+        if source.startswith("trace "):
+            extra["trace"] = str(trace_dir_of(trace_dir).expanduser().absolute())
+        write_manifest(stage, "spectrum", config, extra)
     out = Path(out).expanduser()
     return {
         "out": out,
         "tables": [out / f"{name}.parquet" for name in tables],
         "n_tokens": trace.n_tokens,
+        "layers": chosen,
         "seconds": time.perf_counter() - start,
     }

@@ -207,8 +207,9 @@ def _eager(device: str, smoke: bool = False):
 
 
 def run_bench(out, lengths=(32768, 131072), batches=(1, 8), methods=("yakv", "shadowkv"), smoke: bool = False,
-              progress: bool = True) -> dict:  # fmt: skip
-    """The `kvdiag bench` pipeline: ceilings, every case, bench.parquet, manifest, figures."""
+              progress: bool = True, overwrite: bool = False) -> dict:  # fmt: skip
+    """The `kvdiag bench` pipeline: ceilings, every case, bench.parquet, manifest (figures:
+    `kvdiag.plots.plot_run(out)`). An `out` holding a run is refused unless `overwrite`."""
     import pandas as pd
     import torch
     from tqdm.auto import tqdm
@@ -228,7 +229,7 @@ def run_bench(out, lengths=(32768, 131072), batches=(1, 8), methods=("yakv", "sh
     lengths = [256, 512] if smoke else list(lengths)
     batches = [1, 2] if smoke else list(batches)
     start = time.perf_counter()
-    with staged_run_dir(out) as stage:
+    with staged_run_dir(out, "bench", overwrite=overwrite) as stage:
         ceilings = measure_ceilings(device, smoke)
         if device == "cpu":
             ceilings = {"hbm_GBps": 4101.0, "host_link_GBps": 55.0}  # the H200's, for the smoke rows

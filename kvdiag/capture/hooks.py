@@ -28,7 +28,12 @@ from kvdiag.models import adapter
 
 
 def resolve_layers(layers: str | Sequence[int] | None, n_layers: int) -> list[int]:
-    """'all' / None → every layer; '0,5,10' or [0, 5, 10] → those (negative counts from the end)."""
+    """The layer indices a --layers value selects, sorted and without repeats.
+
+    'all' / None → every layer; '0,5,10' or [0, 5, 10] → those. Negative indices count from the end,
+    as in Python: -1 is the last layer (n_layers - 1), -n_layers the first; anything outside
+    -n_layers..n_layers-1 is an error naming the valid range.
+    """
     if layers is None or (isinstance(layers, str) and layers.strip() == "all"):
         return list(range(n_layers))
     if isinstance(layers, str):
@@ -42,7 +47,10 @@ def resolve_layers(layers: str | Sequence[int] | None, n_layers: int) -> list[in
     for i in layers:
         j = i + n_layers if i < 0 else i
         if not 0 <= j < n_layers:
-            raise KvdiagError(f"layer index {i} is out of range; the model has layers 0..{n_layers - 1}")
+            raise KvdiagError(
+                f"layer index {i} is out of range; the model has layers 0..{n_layers - 1} "
+                f"(or -{n_layers}..-1 counted from the end)"
+            )
         chosen.append(j)
     if not chosen:
         raise KvdiagError("no layers selected")

@@ -11,13 +11,15 @@ Canonical tensor names (batch 1; H_q query heads, H_kv KV heads, L prompt tokens
     rope.{j}.cos/.sin    [L, d]        the model's rotary tables; meta["rope_of_layer"][i] = j
 
 On disk a trace is `trace.safetensors` plus `trace.json` (model, prompt hash, token count, layers,
-dtype, versions, per-layer scale and sliding window). Each file is written to a temporary name and
+dtype, versions, per-layer scale and sliding window, SHA-256 of the tensor file). Each file is written to a temporary name and
 renamed; the JSON is written last, so a trace without its JSON was never completed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +28,11 @@ import torch
 from kvdiag.errors import KvdiagError
 from kvdiag.runs import atomic_write_bytes, atomic_write_json
 
+log = logging.getLogger(__name__)
+
 TENSOR_FILE = "trace.safetensors"
 META_FILE = "trace.json"
+CHECKSUM = "tensors_sha256"  # key of trace.json: SHA-256 of trace.safetensors
 FIELDS = ("q", "k_pre", "k_post", "v", "attn_out")
 
 
@@ -144,30 +149,46 @@ class Trace:
 
     # ----------------------------------------------------------------- storage
     def save(self, directory: str | Path) -> Path:
-        """Write `trace.safetensors` and `trace.json` into `directory` (atomically, JSON last)."""
+        """Write `trace.safetensors` and `trace.json` into `directory` (atomically, JSON last); the JSON
+        holds the SHA-256 of the tensor file, which `load` verifies."""
         from safetensors.torch import save
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         payload = save({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()})
         atomic_write_bytes(directory / TENSOR_FILE, payload)
-        atomic_write_json(directory / META_FILE, self.meta)
+        atomic_write_json(directory / META_FILE, {**self.meta, CHECKSUM: hashlib.sha256(payload).hexdigest()})
         return directory
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu") -> Trace:
-        """Read a trace saved by `save`; a missing, truncated or inconsistent one gets a clear error."""
+        """Read a trace saved by `save`; a missing, truncated, damaged (checksum) or inconsistent one
+        gets a clear error. `directory` may also be a run directory holding the trace in `trace/`."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        directory = Path(directory)
+        directory = trace_dir(directory)
         meta_path, tensor_path = directory / META_FILE, directory / TENSOR_FILE
         if not meta_path.exists() or not tensor_path.exists():
             raise KvdiagError(f"{directory} holds no complete trace (need {META_FILE} and {TENSOR_FILE})")
         try:
             meta = json.loads(meta_path.read_text())
-            tensors = load_file(tensor_path, device=device)
-        except (json.JSONDecodeError, SafetensorError, OSError) as err:
+            payload = tensor_path.read_bytes()
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+            raise KvdiagError(f"corrupt trace in {directory}: {err}") from err
+        if not isinstance(meta, dict):
+            raise KvdiagError(f"corrupt trace in {directory}: {META_FILE} is not a JSON object")
+        expected = meta.get(CHECKSUM)
+        if expected is None:
+            log.warning("%s was saved without a checksum; its tensors are not verified", directory)
+        elif hashlib.sha256(payload).hexdigest() != expected:
+            raise KvdiagError(
+                f"corrupt trace in {directory}: {TENSOR_FILE} does not match the SHA-256 in {META_FILE} "
+                f"(damaged or replaced); capture it again"
+            )
+        try:
+            tensors = {k: v.to(device) for k, v in load(payload).items()}
+        except SafetensorError as err:
             raise KvdiagError(f"corrupt trace in {directory}: {err}") from err
         missing = [
             f"layers.{i}.{name}" for i in meta.get("layers", []) for name in ("q", "k_pre", "k_post", "v")
@@ -175,4 +196,39 @@ class Trace:
         ]  # fmt: skip
         if missing or "n_tokens" not in meta:
             raise KvdiagError(f"corrupt trace in {directory}: missing {', '.join(missing[:4]) or 'n_tokens'}")
+        meta.pop(CHECKSUM, None)
         return cls(tensors, meta)
+
+
+def trace_dir(path: str | Path) -> Path:
+    """The folder of a saved trace: `path` itself, or `path`/trace for a run directory written with
+    --save-trace."""
+    path = Path(path)
+    if not (path / META_FILE).exists() and (path / "trace" / META_FILE).exists():
+        return path / "trace"
+    return path
+
+
+def load_saved_trace(path: str | Path, model: str | None, layers="all", device: str = "cpu"):
+    """A trace saved with --save-trace, for a run that reuses it instead of capturing (--trace).
+
+    model: the --model given (None: the trace's own); a different one is an error, as is a layer the
+    trace did not capture; layers 'all' means every captured layer. Returns (trace, model name, the chosen captured layers)."""
+    from kvdiag.capture.hooks import resolve_layers
+
+    trace = Trace.load(path, device=device)
+    captured_by = trace.meta.get("model") or "?"
+    if model is not None and model != captured_by:
+        raise KvdiagError(
+            f"--trace {path} was captured from model {captured_by!r}, not {model!r}; drop --model or use its trace"
+        )
+    if layers is None or (isinstance(layers, str) and layers.strip() == "all"):
+        return trace, captured_by, trace.layers  # every captured layer
+    n_layers = (trace.meta.get("shapes") or {}).get("layers") or max(trace.layers) + 1
+    chosen = resolve_layers(layers, n_layers)
+    missing = [i for i in chosen if i not in trace.layers]
+    if missing:
+        raise KvdiagError(
+            f"--trace {path} did not capture layer {missing[0]}; captured layers: {', '.join(map(str, trace.layers))}"
+        )
+    return trace, captured_by, chosen

@@ -1,7 +1,9 @@
 """kvdiag command line: a typer app, one module per subcommand, heavy imports inside command bodies.
 
-Known errors (`KvdiagError`) print as one line and exit with status 2 (under torchrun, one line per
-rank, tagged with it); set KVDIAG_DEBUG=1 for the traceback.
+Known errors (`KvdiagError`) print as one line and exit with status 2 (under torchrun,
+one line per rank, tagged with it); set KVDIAG_DEBUG=1 for the
+traceback. The global `--quiet` (before the subcommand) turns off progress bars and the summary a
+command prints when it succeeds; errors and warnings still print.
 """
 
 from __future__ import annotations
@@ -23,6 +25,51 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+_STATE = {"quiet": False}
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="no progress bars and no summary (errors and warnings still print)"
+    ),
+) -> None:
+    """Options that apply to every command; give them before the command: `kvdiag --quiet spectrum ...`."""
+    _STATE["quiet"] = quiet
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        if was_enabled:
+            ctx.call_on_close(hf_logging.enable_progress_bar)
+
+
+def quiet() -> bool:
+    """Whether --quiet was given: commands pass `progress=not quiet()` and print no summary."""
+    return _STATE["quiet"]
+
+
+def say(message: str = "", err: bool = False) -> None:
+    """Print a command's summary line, unless --quiet."""
+    if not _STATE["quiet"]:
+        typer.echo(message, err=err)
+
+
+def format_layers(layers: list[int]) -> str:
+    """[0, 1, 2, 5] → '0-2,5': the layers a run used (--layers resolved, negative indices counted from
+    the end)."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ",".join(parts)
 
 
 def friendly_errors(func):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from kvdiag.cli import friendly_errors
+from kvdiag.cli import friendly_errors, quiet, say
 
 
 def register(app: typer.Typer) -> None:
@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
         batch: str = typer.Option("1,8", "--batch", help="','-separated batch sizes"),
         methods: str = typer.Option("yakv,shadowkv", "--methods", help="yakv (runtime variant), shadowkv"),
         smoke: bool = typer.Option(False, "--smoke", help="tiny shapes on the CPU (Triton interpreter)"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in --out"),
     ) -> None:
         """Time the runtime's kernel step (scoring, top-k, host gather, attention; CUDA graphs) per
         layer against resident bytes / HBM + fetched bytes / host link, full attention (SDPA) and the
@@ -49,8 +50,8 @@ def register(app: typer.Typer) -> None:
             return values
 
         result = run_bench(out, ints(lengths, "lengths"), ints(batch, "batch"),
-                           [m.strip() for m in methods.split(",") if m.strip()], smoke=smoke)  # fmt: skip
+                           [m.strip() for m in methods.split(",") if m.strip()], smoke=smoke, overwrite=overwrite, progress=not quiet())  # fmt: skip
         figures = plot_bench_run(out)
         for line in result["summary"]:
-            typer.echo(line)
-        typer.echo(f"{out}: bench.parquet, manifest.json, {len(figures)} figure files")
+            say(line)
+        say(f"{out}: bench.parquet, manifest.json, {len(figures)} figure files")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from kvdiag.cli import friendly_errors
+from kvdiag.cli import friendly_errors, quiet, say
 
 EXAMPLES = """
 Method specs are "name" or "name:knob=value,knob=value", optionally with the method's own budget
@@ -26,7 +26,8 @@ Re-running with the same --out resumes: finished (sample, method, budget) cells 
 are skipped, also after a kill. A run may grow: a larger --n, another method or another budget only
 adds cells; a change that would alter existing cells (model, task knobs, seed, --target-tokens,
 --max-new-tokens, chat, device, dtype, fidelity, a method whose knobs changed) is refused, naming
-the field and both values.
+the field and both values. An --out holding another kind of run is refused; --overwrite starts
+afresh (the new run replaces the old one only once it has finished).
 
 \b
 Examples:
@@ -90,6 +91,9 @@ def register(app: typer.Typer) -> None:
             "--batch-size",
             help="samples decoded together per method × budget (same tokens as one at a time)",
         ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="replace the run in --out instead of resuming it"
+        ),
     ) -> None:
         """Generate answers to a task's samples with exact attention and with each offloading method at
         each budget (in the accuracy simulator), score them, and write predictions.jsonl,
@@ -109,25 +113,42 @@ def register(app: typer.Typer) -> None:
                 model, task, out, methods=specs, budgets=budget_list, task_knobs=parse_task_knobs(task, task_knob or []),
                 n=n, target_tokens=target_tokens, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
                 data_dir=data_dir, device=device, dtype=dtype, fidelity=not no_fidelity, batch_size=batch_size,
+                overwrite=overwrite, progress=not quiet(),
             )  # fmt: skip
         except KeyboardInterrupt:
-            typer.echo(
-                f"finished cells are kept in {out}/predictions*.jsonl; run the same command to resume",
-                err=True,
-            )
+            if overwrite:
+                typer.echo(
+                    f"the run in {out} is unchanged (--overwrite replaces it only when done)", err=True
+                )
+            else:
+                typer.echo(
+                    f"finished cells are kept in {out}/predictions*.jsonl; run the same command to resume",
+                    err=True,
+                )
             raise
-        from kvdiag.eval.distributed import ranks
+        print_summary(result)
 
-        if not ranks().main:  # under torchrun rank 0 prints the summary
-            return
-        if result["complete"]:
-            from kvdiag.plots import plot_run
 
-            plot_run(result["out"])
-        summary = result["scores"]
-        columns = ["method", "budget", "n", "score_mean", "score_stderr", "kl_mean", "hit_cap_rate"]
-        typer.echo(summary[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-        typer.echo(
-            f"{result['cells']} cells ({result['new_cells']} run now), {result['seconds']:.1f} s; "
-            f"{result['predictions']}, {result['table']}, {result['out'] / 'figures'}/"
-        )
+def print_summary(result: dict) -> None:
+    """Draw the figures of a complete run, then print what `kvdiag eval` prints when it succeeds
+    (nothing with --quiet; under torchrun only rank 0): the score table, budgets as asked ("3.125 %",
+    "2048 tokens", "all" for exact) beside the tokens they meant."""
+    from kvdiag.eval.distributed import ranks
+    from kvdiag.eval.inputs import budget_label
+
+    if not ranks().main:
+        return
+    if result["complete"]:
+        from kvdiag.plots import plot_run
+
+        plot_run(result["out"])
+    summary = result["scores"].copy()
+    summary["budget"] = [budget_label(b, m) for b, m in zip(summary.budget, summary.method)]
+    summary["budget_tokens"] = summary.budget_tokens.round().astype(int)
+    columns = ["method", "budget", "budget_tokens", "n", "score_mean", "score_stderr", "kl_mean",
+               "hit_cap_rate"]  # fmt: skip
+    say(summary[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    say(
+        f"{result['cells']} cells ({result['new_cells']} run now), {result['seconds']:.1f} s; "
+        f"{result['predictions']}, {result['table']}, {result['out'] / 'figures'}/"
+    )

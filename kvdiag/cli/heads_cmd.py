@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from kvdiag.cli import friendly_errors
+from kvdiag.cli import friendly_errors, quiet, say
 
 EXAMPLES = """
 For each layer × KV head and decode-like query: the fewest context tokens (before the first query)
@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         layers: str = typer.Option("all", "--layers", help="'all' or comma-separated indices, e.g. 0,5,10"),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto"),
         dtype: str = typer.Option(None, "--dtype", help="float32 (CPU default), bfloat16, float16"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in --out"),
     ) -> None:
         """Per-head context intensity: tokens needed to cover 50 / 90 / 99 % of exact attention per layer ×
         KV head (GQA union), on a task vs the needle task or on a prompt; writes heads.parquet,
@@ -86,18 +87,18 @@ def register(app: typer.Typer) -> None:
             model, out, task=task, n=n, prompt=text, prompt_file=prompt_file, n_queries=queries, taus=tau_list,
             layers=layers, target_tokens=target_tokens, seed=seed, task_knobs=knobs, chat=chat,
             needle_baseline=not no_needle_baseline, data_dir=data_dir, device=device, dtype=dtype,
-            max_tokens=max_tokens, calibration_tau=calibration_tau,
+            max_tokens=max_tokens, calibration_tau=calibration_tau, overwrite=overwrite, progress=not quiet(),
         )  # fmt: skip
         figures = plot_heads_run(result["out"])
         summary = result["summary"]
         focus = summary[(summary.measure == "union") & (abs(summary.tau - calibration_tau) < 1e-9)]
         for name, rows in focus.groupby("task", sort=False):
-            typer.echo(
+            say(
                 f"{name}: L0 ≈ {rows.n_context.mean():.0f}, median union need at τ = {calibration_tau:g}: "
                 f"{rows.tokens_median.median():.1f} tokens ({100 * rows.fraction_median.median():.2f} % of L0) "
                 f"for the median head, {rows.tokens_median.max():.0f} for the neediest"
             )
-        typer.echo(f"{len(result['inputs'])} samples, {result['seconds']:.1f} s")
-        typer.echo(f"table:       {result['table']}")
-        typer.echo(f"calibration: {result['calibration']}")
-        typer.echo(f"figures:     {result['out'] / 'figures'}/ ({len(figures)} files)")
+        say(f"{len(result['inputs'])} samples, {result['seconds']:.1f} s")
+        say(f"table:       {result['table']}")
+        say(f"calibration: {result['calibration']}")
+        say(f"figures:     {result['out'] / 'figures'}/ ({len(figures)} files)")

@@ -12,7 +12,7 @@ from kvdiag.cli import friendly_errors
 EXAMPLES = """
 \b
 Examples:
-  kvdiag models                                        # list
+  kvdiag models                                        # list (--json: machine-readable)
   kvdiag models export qwen2.5-coder-0.5b /media/usb --part-mib 60
   kvdiag models import /media/usb                      # on the offline machine
 
@@ -21,9 +21,14 @@ whole to another machine works too.
 """
 
 
-def _list() -> None:
+def _list(as_json: bool = False) -> None:
     from kvdiag.models import list_models
 
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(list_models(), indent=1, default=str))
+        return
     header = f"{'name':20s} {'arch':8s} {'layers':>6s} {'heads':>5s} {'kv':>3s} {'d':>4s} {'context':>7s} cached  source"
     typer.echo(header)
     for row in list_models():
@@ -38,13 +43,15 @@ def register(app: typer.Typer) -> None:
     models_app = typer.Typer(invoke_without_command=True, no_args_is_help=False, epilog=EXAMPLES)
 
     @models_app.callback()
-    def models(ctx: typer.Context) -> None:
+    def models(
+        ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="print the list as JSON")
+    ) -> None:
         """List known models: architecture, layers, heads, KV heads, head_dim, context, source, cached.
 
         Any Hugging Face id, local checkpoint directory or .gguf file works too, wherever --model is taken.
         """
         if ctx.invoked_subcommand is None:
-            _list()
+            _list(as_json)
 
     @models_app.command("export", epilog=EXAMPLES)
     @friendly_errors

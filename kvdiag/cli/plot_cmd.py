@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from kvdiag.cli import friendly_errors
+from kvdiag.cli import friendly_errors, say
 
 
 def register(app: typer.Typer) -> None:
@@ -20,4 +20,4 @@ def register(app: typer.Typer) -> None:
         from kvdiag.plots import plot_run
 
         for path in plot_run(run_dir):
-            typer.echo(str(path))
+            say(str(path))

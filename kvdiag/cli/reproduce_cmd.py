@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from kvdiag.cli import friendly_errors
+from kvdiag.cli import friendly_errors, quiet, say
 
 EXAMPLES = """
 Runs spectrum/, recall/ and eval_<task>/ sub-runs (text2json, multineedle, html2tsv or
@@ -14,6 +14,8 @@ html2tsv_synthetic, needle) into --out with the study's method configurations at
 then writes report.md with tables, figures and a verdict per claim of the study (paired bootstrap
 intervals against exact), findings.json and predictions/<task>.jsonl. Re-running with the same --out
 skips finished stages and resumes unfinished ones cell by cell; a larger --n adds samples.
+--overwrite starts afresh (the new run replaces the old one only once it has finished); an --out
+holding another kind of run is refused.
 
 Several short jobs: --max-minutes M starts no stage and no eval cell after M minutes (give the job M
 plus the longest cell of slack), --stages runs some stages now and the rest later; the call that
@@ -74,6 +76,9 @@ def register(app: typer.Typer) -> None:
         figures_dir: Path = typer.Option(
             None, "--figures-dir", help="also copy report.md and its PNGs there (e.g. figures)"
         ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="replace the run in --out instead of resuming it"
+        ),
     ) -> None:
         """Reproduce arXiv 2604.08426 on one model and write DIR/report.md."""
         import matplotlib
@@ -90,15 +95,19 @@ def register(app: typer.Typer) -> None:
             model or "qwen2.5-coder-0.5b", out, device=device, data_dir=data_dir, n=n, config=chosen,
             figures_dir=figures_dir,
             stages=None if stages is None else [s for s in stages.split(",") if s.strip()],
-            max_minutes=max_minutes, echo=lambda line: typer.echo(line, err=True),
+            max_minutes=max_minutes, echo=lambda line: say(line, err=True), overwrite=overwrite,
+            progress=not quiet(),
         )  # fmt: skip
-        from kvdiag.eval.distributed import ranks
+        print_outcome(result)
 
-        if not ranks().main:  # under torchrun rank 0 prints the outcome
-            return
-        if result["complete"]:
-            typer.echo(f"{result['report']} ({result['seconds']:.0f} s)")
-        else:
-            typer.echo(
-                f"partial: {', '.join(result['remaining'])} left ({result['seconds']:.0f} s); run again"
-            )
+
+def print_outcome(result: dict) -> None:
+    """What `kvdiag reproduce` prints at the end (nothing with --quiet; under torchrun only rank 0)."""
+    from kvdiag.eval.distributed import ranks
+
+    if not ranks().main:
+        return
+    if result["complete"]:
+        say(f"{result['report']} ({result['seconds']:.0f} s)")
+    else:
+        say(f"partial: {', '.join(result['remaining'])} left ({result['seconds']:.0f} s); run again")

@@ -86,7 +86,6 @@ from kvdiag.eval.store import (  # noqa: F401  (re-exported: the harness's publi
     RESULTS,
     append_row,
     cell_key,
-    check_out,
     finished_keys,
     merge_rank_files,
     rank_file,
@@ -175,7 +174,8 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
              target_tokens: int = 2048, max_new_tokens: int = 256, seed: int = 0, chat: bool | None = None,
              data_dir=None, device: str | None = "cpu", dtype=None, fidelity: bool = True,
              progress: bool = True, shared_prefill: bool = True,
-             deadline: float | None = None, batch_size: int = 1, idle_ranks_ok: bool = False) -> dict:  # fmt: skip
+             deadline: float | None = None, batch_size: int = 1, idle_ranks_ok: bool = False,
+             overwrite: bool = False) -> dict:  # fmt: skip
     """The `kvdiag eval` pipeline (see the module docstring); resumes into an existing `out`.
 
     methods: specs ("shadowkv:rank=320", "yakv@3.125%"), Method objects or (method, budget) pairs,
@@ -186,18 +186,21 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     `time.monotonic()` value after which no new cell starts (the run is then partial); batch_size: how
     many samples are decoded together per method × budget (the same tokens as one at a time);
     idle_ranks_ok: under torchrun, let ranks without a pending sample wait instead of refusing the
-    world size (`kvdiag.eval.distributed.shard_samples`). Every input is validated before the model
+    world size (`kvdiag.eval.distributed.shard_samples`); overwrite: replace the run in `out` instead
+    of resuming it (the new run is staged beside it and swapped in when it has finished;
+    `kvdiag.runs.replacing_run_dir`; not under torchrun). Every input is validated before the model
     loads and before anything is written. Figures: `kvdiag.plots.plot_run(out)` (the command draws
     them once a run is complete).
     Returns {"out", "predictions", "table", "cells", "new_cells", "seconds", "scores",
     "complete"} (cells and new_cells count this call's cells; under torchrun every rank gets rank 0's
     answer, new_cells summed over the ranks).
     """
+    call = dict(locals())
     from tqdm.auto import tqdm
 
     from kvdiag.eval.distributed import barrier, from_main, gather, rank_device, ranks, shard_samples
     from kvdiag.models import load_model, load_tokenizer, resolve_device
-    from kvdiag.runs import write_manifest, write_table
+    from kvdiag.runs import claim_run_dir, holds_run, replacing_run_dir, write_manifest, write_table
     from kvdiag.tasks import get_task
 
     start = time.perf_counter()
@@ -223,7 +226,20 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     me = ranks(device)  # under torchrun: the process group (see kvdiag.eval.distributed)
     run_device = rank_device(device, me)
     out = Path(out).expanduser()
-    check_out(out)
+    claim_run_dir(out, "eval", overwrite=overwrite)
+    if overwrite and holds_run(out):
+        if me.distributed:
+            raise KvdiagError(
+                f"--overwrite of {out} under torchrun: remove the run first, or overwrite it without torchrun"
+            )
+        with replacing_run_dir(out) as staging:
+            result = run_eval(**{**call, "out": staging, "overwrite": False})
+        moved = {
+            k: out / Path(v).relative_to(staging)
+            for k, v in result.items()
+            if k in ("out", "predictions", "table")
+        }
+        return {**result, **moved}
     context = _context_length(model)
     if context is not None and target_tokens > context:
         raise KvdiagError(

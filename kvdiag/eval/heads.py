@@ -100,9 +100,10 @@ def run_heads(model: str, out, *, task: str | None = None, n: int = 2, prompt: s
               layers="all", target_tokens: int = 2048, seed: int = 0, task_knobs: dict | None = None,
               chat: bool | None = None, needle_baseline: bool = True, data_dir=None, device: str | None = "cpu",
               dtype=None, max_tokens: int | None = None, calibration_tau: float = 0.9,
-              progress: bool = True) -> dict:  # fmt: skip
+              progress: bool = True, overwrite: bool = False) -> dict:  # fmt: skip
     """Measure, summarise and save (see the module docstring). Every input is checked before the model
-    loads; results are staged and appear in `out` only on success.
+    loads; results are staged and appear in `out` only on success; an `out` holding a run is refused
+    unless `overwrite` (`kvdiag.runs.claim_run_dir`).
 
     chat: None = the chat template for task samples when the tokenizer has one, raw text for a prompt.
     Returns {"out", "table", "calibration", "summary", "per_query", "inputs", "seconds"}.
@@ -111,7 +112,7 @@ def run_heads(model: str, out, *, task: str | None = None, n: int = 2, prompt: s
     from kvdiag.models import load_model, load_tokenizer, resolve_device
     from kvdiag.models.adapter import config_shapes
     from kvdiag.models.prompts import context_length, read_prompt, tokenize_prompt
-    from kvdiag.runs import check_writable, staged_run_dir, write_manifest, write_table
+    from kvdiag.runs import claim_run_dir, staged_run_dir, write_manifest, write_table
     from kvdiag.tasks import get_task
 
     start = time.perf_counter()
@@ -138,7 +139,7 @@ def run_heads(model: str, out, *, task: str | None = None, n: int = 2, prompt: s
         text = read_prompt(prompt_file, prompt)
         source = {PROMPT: str(prompt_file) if prompt_file else ("--text" if prompt else "built-in sample")}
     device = resolve_device(device)
-    check_writable(out)
+    claim_run_dir(out, "heads", overwrite=overwrite)
 
     tokenizer = load_tokenizer(model)
     if task is not None:  # samples need only the tokenizer: length errors come before the model loads
@@ -153,7 +154,7 @@ def run_heads(model: str, out, *, task: str | None = None, n: int = 2, prompt: s
         inputs = [HeadsInput(PROMPT, source[PROMPT], ids, resolve_positions(ids.shape[1], None, n_queries))]
         source["prompt_sha256"] = hashlib.sha256(text.encode()).hexdigest()
 
-    with staged_run_dir(out) as stage:
+    with staged_run_dir(out, "heads", overwrite=overwrite) as stage:
         net, tokenizer = load_model(model, device=device, dtype=dtype)
         chosen = resolve_layers(layers, config_shapes(net.config)["layers"])
         limit = context_length(net)

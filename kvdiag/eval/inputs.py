@@ -64,6 +64,18 @@ class MethodRun:
         return [f"{self.label}@{b!r}" for b in self.budgets] if self.pinned else [self.label]
 
 
+def budget_label(budget: float | int, method: str | None = None) -> str:
+    """How a budget reads to a person: "3.125 %" for a fraction of the prompt, "2048 tokens" for a
+    token count, "all" for exact attention (stored as budget 1.0, the whole prompt)."""
+    if method == EXACT:
+        return "all"
+    if isinstance(budget, float) and budget.is_integer() and budget > 1:
+        budget = int(budget)  # a token count read back from a float column
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        return f"{budget} tokens"
+    return f"{100 * budget:.6g} %"
+
+
 def split_method_budget(item) -> tuple[Method | str, float | int | None]:
     """ "spec@budget" / (method, budget) / spec / Method -> (spec or Method, budget or None)."""
     from kvdiag.methods import parse_budget

@@ -23,7 +23,6 @@ import pandas as pd
 
 from kvdiag.errors import KvdiagError
 from kvdiag.runs import atomic_write_bytes
-from kvdiag.runs import check_writable as check_out  # noqa: F401  (the harness checks --out with it)
 
 log = logging.getLogger(__name__)
 

@@ -3,12 +3,16 @@ plus the built-in context-intensive sample text used when no prompt is given."""
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
 import torch
 
 from kvdiag.errors import KvdiagError
+
+log = logging.getLogger(__name__)
+BUILTIN_RECORDS = 140  # records of the built-in sample text (several thousand tokens)
 
 _FIRST = ["Amara", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Gustav", "Hana", "Ivo", "Jasmin", "Kofi",
           "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tamar", "Umar", "Vera",
@@ -41,7 +45,7 @@ _FILLER = [
 ]
 
 
-def sample_text(n_records: int = 140, seed: int = 0) -> str:
+def sample_text(n_records: int = BUILTIN_RECORDS, seed: int = 0) -> str:
     """Built-in context-intensive prose: many short records, each a distinct fact (several thousand tokens).
 
     Every record carries a unique person, role, city, count, item and year, so a model that must
@@ -64,20 +68,73 @@ def sample_text(n_records: int = 140, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
-def read_prompt(prompt_file: str | Path | None, text: str | None) -> str:
-    """The prompt from --prompt-file or --text (not both), or the built-in sample; never empty."""
+def read_prompt(prompt_file: str | Path | None, text: str | None, encoding: str = "utf-8") -> str | None:
+    """The prompt from --prompt-file (decoded with `encoding`) or --text (not both); None when neither
+    is given: the caller then uses `builtin_prompt`, sized to the model. Never empty."""
     if prompt_file is not None and text is not None:
         raise KvdiagError("give either --prompt-file or --text, not both")
     if prompt_file is not None:
         path = Path(prompt_file)
         if not path.is_file():
             raise KvdiagError(f"prompt file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        text = decode_prompt(path, encoding)
     elif text is None:
-        return sample_text()
+        return None
     if not text.strip():
         raise KvdiagError("the prompt is empty")
     return text
+
+
+def decode_prompt(path: Path, encoding: str = "utf-8") -> str:
+    """The text of a prompt file; a byte the encoding cannot decode is named with its offset and line."""
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise KvdiagError(
+            f"--encoding {encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1)"
+        ) from None
+    data = Path(path).read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise KvdiagError(
+            f"prompt file {path} is not valid {encoding}: byte 0x{data[err.start]:02x} at offset {err.start} "
+            f"(line {line}) cannot be decoded; pass --encoding with the file's encoding, e.g. --encoding latin-1"
+        ) from None
+
+
+def builtin_prompt(tokenizer, model=None, chat: bool = False) -> str:
+    """The built-in sample text (`sample_text`), cut to as many whole records as fit the model's
+    context when all 140 do not (the tiny models' 2048 tokens), with a logged note saying so."""
+    text = sample_text()
+    limit = context_length(model) if model is not None else None
+    if limit is None or _n_tokens(tokenizer, text, chat) <= limit:
+        return text
+    full = _n_tokens(tokenizer, text, chat)
+    lo, hi = 0, BUILTIN_RECORDS  # the largest record count that fits lies in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _n_tokens(tokenizer, sample_text(mid), chat) <= limit:
+            lo = mid
+        else:
+            hi = mid
+    if lo == 0:
+        raise KvdiagError(
+            f"not even one record of the built-in sample fits the model's context of {limit} tokens"
+        )
+    text = sample_text(lo)
+    log.warning(
+        "the built-in sample text has %d tokens, more than the model's context of %d: using its first %d of "
+        "%d records (%d tokens)", full, limit, lo, BUILTIN_RECORDS, _n_tokens(tokenizer, text, chat),
+    )  # fmt: skip
+    return text
+
+
+def _n_tokens(tokenizer, text: str, chat: bool) -> int:
+    return tokenize_prompt(tokenizer, text, chat=chat).shape[1]
 
 
 def context_length(model) -> int | None:

@@ -44,12 +44,16 @@ def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
+def run_manifest(run_dir: Path) -> dict:
+    """The manifest of a run directory ({} when there is none; a damaged one is a clear error)."""
+    from kvdiag.runs import holds_run, read_manifest
+
+    return read_manifest(run_dir) if holds_run(run_dir) else {}
+
+
 def run_config(run_dir: Path) -> dict:
     """The `config` of a run directory's manifest ({} when there is none), for figure titles."""
-    import json
-
-    manifest = Path(run_dir) / "manifest.json"
-    return json.loads(manifest.read_text()).get("config", {}) if manifest.exists() else {}
+    return run_manifest(run_dir).get("config", {})
 
 
 # run kind (manifest "command") -> "module:function" drawing that run's figures from its tables
@@ -65,13 +69,10 @@ PLOTTERS = {
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Redraw the figures of any kvdiag run directory (the kind is read from its manifest)."""
-    import json
+    from kvdiag.runs import read_manifest
 
     run_dir = Path(run_dir)
-    manifest = run_dir / "manifest.json"
-    if not manifest.exists():
-        raise KvdiagError(f"{run_dir} has no manifest.json; is it a kvdiag run directory?")
-    command = json.loads(manifest.read_text()).get("command")
+    command = read_manifest(run_dir)["command"]
     if command not in PLOTTERS:
         raise KvdiagError(f"no figures known for runs of {command!r}; known: {', '.join(PLOTTERS)}")
     import importlib

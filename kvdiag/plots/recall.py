@@ -22,6 +22,8 @@ import pandas as pd
 
 from kvdiag.errors import KvdiagError
 from kvdiag.plots import run_config, save_figure, style
+from kvdiag.plots.axes import log_ticks_at
+from kvdiag.runs import read_table
 
 FOCUS_FRACTION = 0.03125
 ERRORS = {"err_selection": "selection loss", "err_key": "key loss", "err_total": "total"}
@@ -67,16 +69,6 @@ def _percent_ticks(ax, fractions) -> None:
     ax.xaxis.set_major_locator(FixedLocator(list(fractions)))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticklabels([f"{100 * f:.3g} %" for f in fractions], fontsize=7)
-
-
-def _plain_log_x(ax) -> None:
-    """Log x axis with plain numbers on the decades and no minor labels."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _methods(table: pd.DataFrame) -> list[str]:
@@ -158,7 +150,9 @@ def error_decomposition(table: pd.DataFrame, fraction: float = FOCUS_FRACTION, t
     ax.set_xticks(x, methods, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("attention-output relative error")
     ax.set_title(f"{title + ', ' if title else ''}budget {100 * fraction:.3g} % of the context", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(
+        fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0
+    )  # clear of the floor line
     return fig
 
 
@@ -173,7 +167,7 @@ def accuracy_vs_bytes(table: pd.DataFrame, title: str = ""):
     colors = _colors(methods)
     fractions = sorted(means.budget_fraction.unique())
     markers = dict(zip(fractions, "os^Dvp*hX<>"))
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.6), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9.2, 3.6), sharex=True)
     for ax, (metric, label) in zip(axes, {"attention_mass": "exact attention mass attended",
                                           "accuracy": "1 − output relative error"}.items()):  # fmt: skip
         for method in methods:
@@ -184,7 +178,7 @@ def accuracy_vs_bytes(table: pd.DataFrame, title: str = ""):
             ax.plot(
                 rows.resident_bytes_per_token.clip(lower=1e-3), rows[metric], color=colors[method], lw=0.6
             )
-        _plain_log_x(ax)
+        log_ticks_at(ax, means.resident_bytes_per_token.clip(lower=1e-3))
         ax.set_xlabel("GPU-resident bytes per token per layer")
         ax.set_title(label)
     handles = [plt.Line2D([], [], color=colors[m], marker="o", ls="", label=m) for m in methods]
@@ -192,7 +186,7 @@ def accuracy_vs_bytes(table: pd.DataFrame, title: str = ""):
         plt.Line2D([], [], color="0.4", marker=markers[f], ls="", label=f"budget {100 * f:.3g} %")
         for f in fractions
     ]
-    axes[1].legend(handles=handles, fontsize=6, loc="lower right")
+    axes[1].legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     if title:
         fig.suptitle(title)
     return fig
@@ -208,7 +202,7 @@ def plot_recall_run(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not (run_dir / "recall.parquet").exists():
         raise KvdiagError(f"{run_dir} is not a recall run directory (missing recall.parquet)")
-    table = pd.read_parquet(run_dir / "recall.parquet")
+    table = read_table(run_dir / "recall.parquet")
     if table.empty:
         raise KvdiagError(f"{run_dir / 'recall.parquet'} has no rows")
     title = _title(run_dir)

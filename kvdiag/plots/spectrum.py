@@ -10,6 +10,7 @@ import pandas as pd
 from kvdiag.analysis.lowrank import SHADOWKV_CHANNELS, SHADOWKV_RANK
 from kvdiag.errors import KvdiagError
 from kvdiag.plots import run_config, save_figure, style
+from kvdiag.runs import read_table
 
 STAGE_TITLES = {"pre_rope": "pre-RoPE keys", "post_rope": "post-RoPE keys"}
 
@@ -56,7 +57,7 @@ def rank_heatmap(summary: pd.DataFrame, level: int = 95, title: str = ""):
     column = f"rank{level}"
     vmax = per_head[column].max()
     n_layers, n_heads = per_head.layer.nunique(), per_head.kv_head.nunique()
-    fig, axes = plt.subplots(1, 2, figsize=(3 + 0.5 * n_heads * 2, 1.5 + 0.18 * n_layers), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(3 + 0.5 * n_heads * 2, 2.2 + 0.18 * n_layers), sharey=True)
     for ax, stage in zip(axes, STAGE_TITLES):
         grid = per_head[per_head.stage == stage].pivot(index="layer", columns="kv_head", values=column)
         sns.heatmap(grid, ax=ax, vmin=0, vmax=vmax, cmap="viridis", annot=n_heads * n_layers <= 160,
@@ -74,7 +75,8 @@ def rank_heatmap(summary: pd.DataFrame, level: int = 95, title: str = ""):
 
 
 def lowrank_damage_plot(damage: pd.DataFrame, title: str = ""):
-    """Top-k recall, logit and output error vs rank (mean over layers and heads; faint: per layer)."""
+    """Top-k recall, logit and output error vs rank (mean over layers and heads; faint grey: each
+    layer, in the legend)."""
     import matplotlib.pyplot as plt
 
     metrics = {"topk_recall": "top-k recall (k = 1.5625 % of L)", "logit_rel_error": "relative logit error",
@@ -84,8 +86,9 @@ def lowrank_damage_plot(damage: pd.DataFrame, title: str = ""):
     overall = damage.groupby("rank_fraction", as_index=False)[list(metrics)].mean()
     svd_rank = damage.loc[damage.is_shadowkv_rank, "rank_fraction"]
     for ax, (metric, label) in zip(axes, metrics.items()):
-        for _, rows in per_layer.groupby("layer"):
-            ax.plot(rows.rank_fraction, rows[metric], color="0.6", lw=0.5, alpha=0.6)
+        for k, (_, rows) in enumerate(per_layer.groupby("layer")):
+            ax.plot(rows.rank_fraction, rows[metric], color="0.6", lw=0.5, alpha=0.6,
+                    label="one layer (mean over its heads)" if k == 0 else None)  # fmt: skip
         ax.plot(overall.rank_fraction, overall[metric], color="k", marker="o", ms=3, label="mean over layers")
         if len(svd_rank):
             ax.axvline(svd_rank.iloc[0], color="crimson", ls="--", lw=1, label="ShadowKV rank (160/1024)")
@@ -93,7 +96,7 @@ def lowrank_damage_plot(damage: pd.DataFrame, title: str = ""):
         ax.set_xlabel("rank / channels")
         ax.set_title(label)
     axes[0].set_ylim(0, 1.02)
-    axes[0].legend(loc="lower right")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3)
     if title:
         fig.suptitle(title)
     return fig
@@ -114,13 +117,13 @@ def plot_spectrum_run(run_dir: str | Path) -> list[Path]:
     title = _title(run_dir)
     out = run_dir / "figures"
     paths = []
-    summary = pd.read_parquet(run_dir / "spectrum_summary.parquet")
+    summary = read_table(run_dir / "spectrum_summary.parquet")
     channels = int(summary.loc[summary.kv_head == -1, "dim"].max())
     with style():
-        spectrum = pd.read_parquet(run_dir / "spectrum.parquet")
+        spectrum = read_table(run_dir / "spectrum.parquet")
         paths += save_figure(energy_vs_rank(spectrum, title, channels), out, "energy_vs_rank")
         paths += save_figure(rank_heatmap(summary, 95, title), out, "rank95_heatmap")
         if (run_dir / "lowrank_damage.parquet").exists():
-            damage = pd.read_parquet(run_dir / "lowrank_damage.parquet")
+            damage = read_table(run_dir / "lowrank_damage.parquet")
             paths += save_figure(lowrank_damage_plot(damage, title), out, "lowrank_damage")
     return paths

@@ -180,7 +180,10 @@ def write_report(out: str | Path, info: dict) -> Path:
             )
         )  # fmt: skip
         + " Budgets are fractions of the prompt; GPU bytes / token are the method's resident index per "
-        "prompt token and layer (exact: bf16 K+V). KL and top-1 agreement are teacher-forced on the gold answer.",
+        "prompt token and layer (exact: bf16 K+V). KL and top-1 agreement are teacher-forced on the gold answer."
+        + "".join(
+            f" Not run on this model: {t} ({why})." for t, why in config.get("skipped_tasks", {}).items()
+        ),
         "",
         markdown_table(
             ["configuration", "method", "budget"],
@@ -230,8 +233,10 @@ IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)]+\.png)\)")
 
 def export_report(run_dir: str | Path, dest: str | Path) -> list[Path]:
     """Copy run_dir/report.md and the PNGs it embeds into dest (flat names: eval_text2json/figures/x.png
-    -> eval_text2json-x.png), rewriting its links, plus findings.json and predictions/<task>.jsonl
-    (old prediction files in dest are replaced). Returns the written paths."""
+    -> eval_text2json-x.png), rewriting its links, plus findings.json, predictions/<task>.jsonl (old
+    prediction files in dest are replaced) and each eval stage's score summary (`score_table`) as
+    eval_<task>-scores.csv, the reference numbers notebooks can load. Returns the written paths."""
+    from kvdiag.eval.store import RESULTS, score_table
     from kvdiag.runs import atomic_write_bytes
     from kvdiag.study.findings import FINDINGS, PREDICTIONS_DIR
 
@@ -261,4 +266,8 @@ def export_report(run_dir: str | Path, dest: str | Path) -> list[Path]:
         for source in sorted((run_dir / PREDICTIONS_DIR).glob("*.jsonl")):
             copy(source, dest / PREDICTIONS_DIR / source.name)
     atomic_write_bytes(dest / "report.md", text.encode())
+    for results in sorted(run_dir.glob(f"eval_*/{RESULTS}")):
+        target = dest / f"{results.parent.name}-scores.csv"
+        atomic_write_bytes(target, score_table(results.parent).to_csv(index=False).encode())
+        written.append(target)
     return [dest / "report.md", *written]

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from pathlib import Path
@@ -153,13 +152,14 @@ def _check_same_study(out: Path, old: dict, new: dict) -> None:
                     break
         raise KvdiagError(
             f"cannot resume into {out}: its reproduce configuration has {field} = {was!r} and now {is_!r}; "
-            "use the same options or a new --out (more samples per task, --n, may be added)"
+            "use the same options, a new --out or --overwrite (more samples per task, --n, may be added)"
         )
 
 
 def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cpu", data_dir=None,
                   n: int | None = None, config: ReproduceConfig | str | Path | None = None, figures_dir=None,
-                  progress: bool = True, echo=print, stages=None, max_minutes: float | None = None) -> dict:  # fmt: skip
+                  progress: bool = True, echo=print, stages=None, max_minutes: float | None = None,
+                  overwrite: bool = False) -> dict:  # fmt: skip
     """Run the stages into `out` (skipping finished ones), then write out/report.md and findings.json.
 
     config: a `ReproduceConfig`, or a name ("quick", "gpu") or YAML file for `load_config`; None means
@@ -170,16 +170,18 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     recall stage that started still finishes). A run that stopped early, or whose stages are not all
     done, writes no report: the same call continues it. figures_dir: also export the report, its PNGs,
     findings.json and predictions/ there (`kvdiag.study.report.export_report`). echo: where the
-    per-stage progress lines go.
+    per-stage progress lines go. overwrite: start afresh instead of resuming a reproduce run in `out`
+    (or replace a run of another kind there); the new run is staged beside `out` and swapped in when
+    it has finished (not under torchrun).
     Returns {"out", "report" (None until complete), "stages": {name: seconds or a word}, "seconds",
     "complete", "remaining"}.
     """
+    call = dict(locals())
     from kvdiag.eval.distributed import barrier, from_main, rank_device, ranks
     from kvdiag.eval.harness import _context_length
-    from kvdiag.eval.store import check_out
     from kvdiag.methods import check_budget
     from kvdiag.models import resolve_device
-    from kvdiag.runs import git_hash, write_manifest
+    from kvdiag.runs import claim_run_dir, git_hash, holds_run, replacing_run_dir, write_manifest
     from kvdiag.study.report import export_report, write_report
 
     start = time.perf_counter()
@@ -203,23 +205,29 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     if not me.main:
         echo = _silent
     out = Path(out).expanduser()
-    check_out(out)
+    previous = claim_run_dir(out, "reproduce", overwrite=overwrite)
+    if overwrite and holds_run(out):
+        if me.distributed:
+            raise KvdiagError(
+                f"--overwrite of {out} under torchrun: remove the run first, or overwrite it without torchrun"
+            )
+        with replacing_run_dir(out) as staging:
+            result = run_reproduce(**{**call, "out": staging, "overwrite": False})
+        report = result["report"] and out / Path(result["report"]).relative_to(staging)
+        return {**result, "out": out, "report": report}
     _context_length(model)  # an unknown model name fails here, with did-you-mean help
     family = model_family(model)
     html_task = _html2tsv_task(config, data_dir)
     plans = [_adapt_plan(plan, html_task) for plan in config.tasks]
+    plans, skipped = fit_plans(model, plans, echo)
     stage_names = ["spectrum", "recall", *(f"eval_{p.task}" for p in plans)]
     selected = select_stages(stage_names, stages)
     top = {"model": model, "device": device, "family": family, "html2tsv_task": html_task,
            "data_dir": None if data_dir is None else str(data_dir), "quick": quick, **config.to_json()}  # fmt: skip
     top["tasks"] = [dataclasses.asdict(p) for p in plans]
-    previous = None
-    if (out / "manifest.json").exists():
-        previous = json.loads((out / "manifest.json").read_text())
-        if previous.get("command") != "reproduce":
-            raise KvdiagError(
-                f"{out} holds a {previous.get('command')!r} run, not a reproduce run; use a new --out"
-            )
+    if skipped:
+        top["skipped_tasks"] = skipped
+    if previous is not None:
         _check_same_study(out, previous["config"], top)
     out.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = dict((previous or {}).get("stages", {}))
@@ -292,7 +300,8 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     from kvdiag.analysis.spectrum import run_spectrum
 
     stage("spectrum", analysis, "manifest.json", lambda: run_spectrum(
-        model, out / "spectrum", prompt=text(), device=rank_device(device, me), max_tokens=config.analysis_tokens))  # fmt: skip
+        model, out / "spectrum", prompt=text(), device=rank_device(device, me), max_tokens=config.analysis_tokens,
+        overwrite=True, progress=progress))  # fmt: skip
 
     from kvdiag.analysis.recall import run_recall
 
@@ -307,7 +316,8 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
                      "methods": [m.label() for m in recall_methods], "budgets": recall_budgets}  # fmt: skip
     stage("recall", recall_config, "recall.parquet", lambda: run_recall(
         model, out / "recall", methods=recall_methods, budgets=recall_budgets, layers=layers, prompt=text(),
-        n_queries=config.recall_queries, device=rank_device(device, me), max_tokens=config.analysis_tokens))  # fmt: skip
+        n_queries=config.recall_queries, device=rank_device(device, me), max_tokens=config.analysis_tokens,
+        overwrite=True, progress=progress))  # fmt: skip
 
     from kvdiag.eval.harness import run_eval
 
@@ -359,6 +369,42 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
 
 def _silent(line: str) -> None:
     """The progress lines of ranks other than 0 (rank 0 prints them)."""
+
+
+def fit_plans(model: str, plans: list[TaskPlan], echo=print) -> tuple[list[TaskPlan], dict[str, str]]:
+    """The plans whose samples this model can take, checked with its tokenizer before any stage runs.
+
+    A task whose prompt without filler is longer than the plan's `target_tokens` in this tokenizer
+    (the tiny models count bytes) gets that shortest prompt as its target, when it fits the context
+    with the plan's new tokens; otherwise it is skipped. Both are said through `echo` and the skipped
+    ones returned as {task: reason} (they go into the manifest and the report)."""
+    from kvdiag.eval.harness import _context_length, encode
+    from kvdiag.models import load_tokenizer
+    from kvdiag.tasks import get_task
+    from kvdiag.tasks.base import PromptTooLong
+
+    tokenizer = load_tokenizer(model)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    context = _context_length(model)
+    kept, skipped = [], {}
+    for plan in plans:
+        task = get_task(plan.task, **plan.knobs)
+        try:
+            samples = task.samples(plan.n, seed=0, tokenizer=tokenizer, target_tokens=plan.target_tokens)
+        except PromptTooLong as err:
+            echo(f"{plan.task}: its shortest prompt has {err.min_tokens} tokens in {model}'s tokenizer, more than "
+                 f"the planned {plan.target_tokens}: using {err.min_tokens}")  # fmt: skip
+            plan = dataclasses.replace(plan, target_tokens=err.min_tokens)
+            samples = task.samples(plan.n, seed=0, tokenizer=tokenizer, target_tokens=plan.target_tokens)
+        longest = max(encode(tokenizer, s, chat).shape[1] for s in samples)
+        if context is not None and longest + plan.max_new_tokens > context:
+            reason = (f"{longest} prompt tokens + {plan.max_new_tokens} new tokens exceed {model}'s context of "
+                      f"{context}")  # fmt: skip
+            echo(f"{plan.task}: skipped, {reason}")
+            skipped[plan.task] = reason
+            continue
+        kept.append(plan)
+    return kept, skipped
 
 
 def _reads_data(task: str) -> bool:

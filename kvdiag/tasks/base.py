@@ -22,6 +22,21 @@ from typing import Any, ClassVar
 from kvdiag.errors import KvdiagError
 
 LENGTH_TOLERANCE = 0.05
+
+
+class PromptTooLong(KvdiagError):
+    """A sample's prompt without any filler is already longer than `target_tokens` allows;
+    `min_tokens` is that shortest prompt, so a caller may retry at `target_tokens=min_tokens`."""
+
+    def __init__(self, message: str, min_tokens: int):
+        super().__init__(message)
+        self.min_tokens = min_tokens
+
+
+class LengthMissed(KvdiagError):
+    """No amount of filler brings the prompt within `LENGTH_TOLERANCE` of `target_tokens`."""
+
+
 CHARS_PER_TOKEN = 4
 DATA_DIR_ENV = "KVDIAG_DATA_DIR"
 
@@ -75,8 +90,9 @@ def fit_length(
 
     `build(n)` must grow with n (n = filler sentences / units). Extrapolates linearly until the target
     is bracketed, then alternates interpolation and bisection; stops early within 0.5 % of the target.
-    Returns (n, prompt, tokens). Raises KvdiagError when the prompt without filler is already too long
-    or the result misses the target by more than LENGTH_TOLERANCE.
+    Returns (n, prompt, tokens). Raises `PromptTooLong` when the prompt without filler is already too
+    long, `LengthMissed` when the result misses the target by more than LENGTH_TOLERANCE (filler units
+    too coarse: the caller may retry with finer ones).
     """
     if target_tokens <= 0:
         raise KvdiagError(f"target_tokens must be positive, got {target_tokens}")
@@ -92,9 +108,10 @@ def fit_length(
 
     base_tokens = measure(0)
     if base_tokens > target_tokens * (1 + LENGTH_TOLERANCE):
-        raise KvdiagError(
+        raise PromptTooLong(
             f"{what}: the prompt without filler already has {base_tokens} tokens, more than "
-            f"target_tokens={target_tokens}; raise target_tokens or lower the number of facts"
+            f"target_tokens={target_tokens}; raise target_tokens or lower the number of facts",
+            base_tokens,
         )
     good_enough = max(1.0, 0.005 * target_tokens)
     lo, lo_tok, hi, hi_tok = 0, base_tokens, None, None
@@ -122,7 +139,7 @@ def fit_length(
         n = min(max(n, lo + 1), hi - 1)
     _, n, text, tokens = best
     if abs(tokens - target_tokens) > LENGTH_TOLERANCE * target_tokens:
-        raise KvdiagError(
+        raise LengthMissed(
             f"{what}: closest prompt has {tokens} tokens, more than {LENGTH_TOLERANCE:.0%} away from "
             f"target_tokens={target_tokens}"
         )

@@ -6,7 +6,9 @@ are the English records of needles.jsonl (fields needle, retrieval_question, arg
 keyword); a needle goes in as "\\n{needle}\\n" at `depth` % of the haystack; questions come at the
 end in the upstream English prompt. Differences from upstream, on purpose: needles are inserted at
 the sentence boundary nearest to the depth (upstream cuts at a tiktoken position), and the whole
-prompt is sized in the caller's tokenizer instead of tiktoken with a length buffer.
+prompt is sized in the caller's tokenizer instead of tiktoken with a length buffer: in whole
+sentences, or, when no number of whole sentences comes within 5 % of the target (long sentences,
+short targets, byte-level tokenizers), whole sentences plus the first words of the next one.
 
 Without a data directory: the haystack is real prose from the standard library's docstrings
 (`prose.stdlib_prose`, cycled when a long haystack needs more) and the needles are generated from
@@ -17,15 +19,25 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from kvdiag.errors import KvdiagError
-from kvdiag.tasks.base import Sample, check_n, counter_name, fit_length, resolve_data_dir, token_counter
+from kvdiag.tasks.base import (
+    LengthMissed,
+    Sample,
+    check_n,
+    counter_name,
+    fit_length,
+    resolve_data_dir,
+    token_counter,
+)
 from kvdiag.tasks.prose import split_sentences, stdlib_prose
 
 SUBDIR = "needlebench"
+WORD = re.compile(r"\S+\s*")  # a word and the whitespace after it
 
 PROMPT_ONE = (
     "This is a test of long-text capability. You need to first read the long document below, and "
@@ -151,6 +163,24 @@ class Haystack:
             self._sentences.extend(pieces)
         return self._sentences[:n]
 
+    def words(self, k: int, n: int) -> list[str]:
+        """The first k whole sentences, then the first n words of sentence k + 1 (a haystack cut at a
+        word instead of a sentence boundary, as upstream cuts at a token)."""
+        whole = self.sentences(k + 1)
+        cut = "".join(WORD.findall(whole[k])[:n]).rstrip()
+        return whole[:k] + ([cut + "\n"] if cut else [])
+
+
+def _sentences_below(build, count, target_tokens: int) -> int:
+    """The most whole sentences k whose haystack prompt stays below `target_tokens` (bisection)."""
+    lo, hi = 0, 1
+    while count(build(hi)) < target_tokens:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(build(mid)) < target_tokens else (lo, mid)
+    return lo
+
 
 def insert_needles(sentences: list[str], needles: list[Needle], depths: list[float]) -> str:
     """The haystack with needle i at depths[i] % (by characters, snapped to a sentence boundary)."""
@@ -204,7 +234,16 @@ def needle_samples(
         def build(k, hay=hay, needles=needles):
             return render(insert_needles(hay.sentences(k), needles, depths), needles)
 
-        k, prompt, tokens = fit_length(build, count, target_tokens, task.name)
+        try:
+            k, prompt, tokens = fit_length(build, count, target_tokens, task.name)
+            cut_words = None
+        except LengthMissed:  # sentences too long for the target: cut the last one at a word
+            k = _sentences_below(build, count, target_tokens)
+
+            def build_words(w, hay=hay, needles=needles, k=k):
+                return render(insert_needles(hay.words(k, w), needles, depths), needles)
+
+            cut_words, prompt, tokens = fit_length(build_words, count, target_tokens, task.name)
         gold = [
             {"depth": d, "keyword": nd.arg2, "needle": nd.needle, "question": nd.retrieval_question}
             for d, nd in zip(depths, needles, strict=True)
@@ -217,6 +256,7 @@ def needle_samples(
             "token_counter": counter_name(tokenizer),
             "haystack": hay.source,
             "haystack_sentences": k,
+            "haystack_cut_words": cut_words,  # None: whole sentences; else words of sentence k + 1
         }
         out.append(Sample(f"{task.name}-s{seed}-{i}", [{"role": "user", "content": prompt}], gold, meta))
     return out
