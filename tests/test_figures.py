@@ -134,6 +134,31 @@ def test_accuracy_vs_bytes_tick_labels_do_not_overlap(bytes_per_method):
     assert len(labels) >= 2, labels  # still labelled
 
 
+def test_error_vs_attended_puts_methods_at_their_attended_tokens_beside_the_oracle_of_that_size():
+    from kvdiag.plots.recall import error_vs_attended
+
+    # the case: at 3.125 % of 960 tokens (30) ShadowKV attends 440 tokens, the oracle 30
+    attended = {
+        ("oracle", 0.03125): 30,
+        ("shadowkv", 0.03125): 440,
+        ("oracle", 0.0625): 60,
+        ("shadowkv", 0.0625): 470,
+    }
+    rows = [{"method": m, "budget_fraction": f, "layer": 0, "kv_head": h, "n_queries": 4,
+             "attended_tokens": a + h,  # per KV head: the figure shows the mean
+             "err_total": 0.3 if m == "oracle" else 0.2, "err_oracle": 0.3 if m == "oracle" else 0.05,
+             "attention_mass": 0.8} for (m, f), a in attended.items() for h in (0, 2)]  # fmt: skip
+    fig = error_vs_attended(pd.DataFrame(rows), "smollm2-135m, L0 = 960 tokens")
+    check_suptitle_clear_of_titles(fig)
+    check_tick_labels_apart(fig)
+    solid = {line.get_label(): line for line in fig.axes[0].lines if line.get_linestyle() == "-"}
+    assert list(solid["shadowkv"].get_xdata()) == [441, 471] and list(solid["oracle"].get_xdata()) == [31, 61]
+    dotted = [line for line in fig.axes[0].lines if line.get_linestyle() == ":"]
+    assert len(dotted) == 1  # shadowkv's twin; the oracle is its own
+    assert list(dotted[0].get_xdata()) == [441, 471] and list(dotted[0].get_ydata()) == [0.05, 0.05]
+    assert dotted[0].get_color() == solid["shadowkv"].get_color()
+
+
 @pytest.mark.parametrize("floor", [0.114, 0.25, 0.3])
 def test_error_decomposition_legend_clear_of_the_floor_line(floor):
     from kvdiag.plots.recall import error_decomposition

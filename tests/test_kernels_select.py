@@ -83,7 +83,11 @@ def assert_scores_agree(out, ref, dtype, seed):
 
 def quantized_keys(seed, batch, length, n_kv, d, spec="higgs:EDEN4-256:g128"):
     """Keys [B, H_kv, L, d] with a shared offset (as real keys have), quantized row-wise by the HIGGS
-    quantizer itself: (codes [B, L, n_groups, g/v], scales [B, L, n_groups], grid, dequantized keys)."""
+    quantizer itself: (codes [B, L, n_groups, g/v], scales [B, L, n_groups], grid, dequantized keys).
+
+    The dequantized keys are the quantizer's codes decoded in fp32 (what the kernel computes in its
+    registers); the quantizer's own decode rounds to fp16 twice as the study's code does, so it agrees
+    with them to fp16 rounding, checked here."""
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(batch, n_kv, length, d, generator=gen) + torch.randn(1, n_kv, 1, d, generator=gen)
     keys = keys.to(DEVICE)
@@ -91,8 +95,11 @@ def quantized_keys(seed, batch, length, n_kv, d, spec="higgs:EDEN4-256:g128"):
     stored = quantizer.quantize(keys.transpose(1, 2).reshape(batch * length, n_kv * d))  # rows of H_kv·d
     codes = stored.codes.reshape(batch, length, *stored.codes.shape[1:])
     scales = stored.scales[0].reshape(batch, length, -1)
-    dequantized = quantizer.dequantize(stored).reshape(batch, length, n_kv, d).transpose(1, 2)
-    return codes, scales, load_grid(quantizer.grid, DEVICE), dequantized
+    grid = load_grid(quantizer.grid, DEVICE)
+    dequantized = dequantize_higgs_landmarks(codes, scales, grid, n_kv, d)
+    upstream = quantizer.dequantize(stored).reshape(batch, length, n_kv, d).transpose(1, 2)
+    torch.testing.assert_close(upstream, dequantized, rtol=2e-3, atol=2e-3 * dequantized.abs().max().item())
+    return codes, scales, grid, dequantized
 
 
 # --- HIGGS codes ------------------------------------------------------------------------------------
@@ -162,10 +169,12 @@ def test_higgs_scores_on_real_keys(smollm2):
     n_kv, length, d = k_post.shape
     quantizer = get_quantizer("higgs:EDEN4-256:g128")
     stored = quantizer.quantize(k_post.transpose(0, 1).reshape(length, n_kv * d))
-    dequantized = quantizer.dequantize(stored).reshape(length, n_kv, d).transpose(0, 1)
     codes = stored.codes[None].to(DEVICE)
     scales = stored.scales[0][None].to(DEVICE)
     grid = load_grid(quantizer.grid, DEVICE)
+    dequantized = dequantize_higgs_landmarks(codes, scales, grid, n_kv, d)[0]  # fp32, as the kernel
+    upstream = quantizer.dequantize(stored).reshape(length, n_kv, d).transpose(0, 1).to(DEVICE)
+    torch.testing.assert_close(upstream, dequantized, rtol=2e-3, atol=2e-3 * dequantized.abs().max().item())
     q = q_all[:, -1][None].to(DEVICE)  # the last position's queries [1, H_q, d]
     n_scored = lengths(length - 16)  # the last 16 tokens play YAKV's local window
     for rule in RULES:
@@ -177,8 +186,9 @@ def test_higgs_scores_on_real_keys(smollm2):
 
 def test_higgs_bytes_per_token_matches_quantizer():
     quantizer = get_quantizer("higgs:EDEN4-256:g128")
-    assert higgs_bytes_per_token(8, 128, 128, 4, 2) == quantizer.bytes_per_row(8 * 128) == 272
-    assert higgs_bytes_per_token(3, 64, 128, 4, 2) == quantizer.bytes_per_row(3 * 64) == 68
+    # codes (2 bits per channel, groups padded to 128) + one fp32 norm per group, as the study stores them
+    assert higgs_bytes_per_token(8, 128, 128, 4, 4) == quantizer.bytes_per_row(8 * 128) == 256 + 8 * 4
+    assert higgs_bytes_per_token(3, 64, 128, 4, 4) == quantizer.bytes_per_row(3 * 64) == 64 + 2 * 4
 
 
 def test_dequantize_reference_hand_worked():

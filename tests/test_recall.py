@@ -287,13 +287,13 @@ def test_cli_recall_end_to_end_and_plot(cli, tmp_path):
     assert shadow["knobs"]["rank"] == 160 and shadow["resolved"]["rank"] == 5  # 160 · 32 / 1024
     assert [b["tokens"] for b in manifest["config"]["budgets"]] == [12, 6]
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert figures == ["accuracy_vs_bytes.png", "error_decomposition.png", "recall_heatmap.png",
-                       "recall_vs_budget.png"]  # fmt: skip
+    assert figures == ["accuracy_vs_bytes.png", "error_decomposition.png", "error_vs_attended.png",
+                       "recall_heatmap.png", "recall_vs_budget.png"]  # fmt: skip
     for path in (out / "figures").iterdir():
         path.unlink()
     redraw = cli("plot", out)
     assert redraw.exit_code == 0, redraw.output
-    assert len(list((out / "figures").glob("*"))) == 8
+    assert len(list((out / "figures").glob("*"))) == 10
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,11 @@
 - error_decomposition: selection loss, key loss and total output error per method at one budget,
                       with the oracle's selection floor;
 - accuracy_vs_bytes:  attention mass and 1 − output error vs GPU-resident bytes per token per layer,
-                      one point per method × budget.
+                      one point per method × budget;
+- error_vs_attended:  output error and attention mass vs the context tokens a method actually attends
+                      (its selection plus always-kept tokens), beside the oracle at the same number of
+                      attended tokens (err_oracle, dotted): the fair comparison when a method's local
+                      window or outliers make it attend far more than its nominal budget.
 
 The "one budget" is the run's budget closest (in log scale) to 3.125 % of the context, YAKV's.
 Rows are averaged over layers, KV heads and query positions (weighted by `n_queries` when the table
@@ -192,6 +196,44 @@ def accuracy_vs_bytes(table: pd.DataFrame, title: str = ""):
     return fig
 
 
+def error_vs_attended(table: pd.DataFrame, title: str = ""):
+    """Output error and attention mass vs mean attended context tokens per KV head (log x), one line
+    per method over its budgets; on the error panel each method's dotted twin is the oracle's error at
+    the same attended tokens (err_oracle), so a gap between a line and its twin is what the method's
+    selection and keys cost at equal size (hollow markers: one per budget, visible with one budget too)."""
+    import matplotlib.pyplot as plt
+
+    from kvdiag.plots.axes import MARKERS
+
+    means = _weighted_mean(table, ["method", "budget_fraction"],
+                           ["err_total", "err_oracle", "attention_mass", "attended_tokens"])  # fmt: skip
+    methods = _methods(table)
+    colors = _colors(methods)
+    fig, axes = plt.subplots(1, 2, figsize=(9.2, 3.6), sharex=True)
+    for i, method in enumerate(methods):
+        rows = means[means.method == method].sort_values("attended_tokens")
+        marker = MARKERS[i % len(MARKERS)]
+        axes[0].plot(rows.attended_tokens, rows.err_total, marker=marker, ms=3.5, color=colors[method],
+                     lw=1.2, label=method)  # fmt: skip
+        if not method.startswith("oracle"):
+            axes[0].plot(rows.attended_tokens, rows.err_oracle, ls=":", lw=1.0, marker=marker, ms=4.5,
+                         mfc="none", color=colors[method])  # fmt: skip
+        axes[1].plot(rows.attended_tokens, rows.attention_mass, marker=marker, ms=3.5, color=colors[method],
+                     lw=1.2, label=method)  # fmt: skip
+    for ax, label in zip(axes, ["output relative error (lower is better)", "exact attention mass attended"]):
+        log_ticks_at(ax, means.attended_tokens.clip(lower=1e-3))
+        ax.set_xlabel("attended context tokens per KV head (mean)")
+        ax.set_title(label)
+    axes[1].set_ylim(0, 1.02)
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles.append(plt.Line2D([], [], color="0.4", ls=":", marker="o", mfc="none",
+                              label="oracle at the same attended tokens"))  # fmt: skip
+    axes[1].legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def _title(run_dir: Path) -> str:
     config = run_config(run_dir)
     return f"{config.get('model', '')}, L0 = {config.get('n_context', '?')} tokens" if config else ""
@@ -214,4 +256,6 @@ def plot_recall_run(run_dir: str | Path) -> list[Path]:
         paths += save_figure(recall_heatmap(table, fraction, title), out, "recall_heatmap")
         paths += save_figure(error_decomposition(table, fraction, title), out, "error_decomposition")
         paths += save_figure(accuracy_vs_bytes(table, title), out, "accuracy_vs_bytes")
+        if {"attended_tokens", "err_oracle"} <= set(table.columns):  # tables from before these columns
+            paths += save_figure(error_vs_attended(table, title), out, "error_vs_attended")
     return paths
