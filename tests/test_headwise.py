@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -292,3 +293,25 @@ def test_headwise_through_the_simulator(tiny, tmp_path):
             == calibrated.stats[b]["resident_bytes_per_token_layer"]
         )
         assert torch.equal(uniform.tokens[b], base.tokens[b])  # uniform need: the base's own decode
+
+
+# --- the study's paired comparison ------------------------------------------------------------------
+
+
+def test_study_pairs_headwise_with_its_base_by_sample(tmp_path):
+    from kvdiag.study.headwise import paired_rows, run_headwise_study
+
+    # kl of 3 samples, rows shuffled: base 0.5 / 0.4 / 0.3, headwise 0.4 / 0.4 / 0.1 → differences
+    # −0.1, 0, −0.2 (mean −0.1), means 0.3 vs 0.4
+    table = pd.DataFrame({
+        "sample_id": ["s2", "s0", "s1", "s1", "s0", "s2"], "method": ["hw", "base", "hw", "base", "hw", "base"],
+        "budget": 0.03125, "kl_mean": [0.1, 0.5, 0.4, 0.4, 0.4, 0.3],
+    })  # fmt: skip
+    (row,) = paired_rows(table, "eval", "t", "base", "hw", [0.03125], ["kl_mean"])
+    assert row["n"] == 3 and row["difference"] == pytest.approx(-0.1)
+    assert (row["base_mean"], row["headwise_mean"]) == (pytest.approx(0.4), pytest.approx(0.3))
+    assert row["ci_low"] <= row["difference"] <= row["ci_high"]
+    with pytest.raises(KvdiagError, match="calibration seed"):
+        run_headwise_study(tmp_path, seed=100, calib_seed=100)
+    with pytest.raises(KvdiagError, match="unknown stages"):
+        run_headwise_study(tmp_path, stages=["plot"])
