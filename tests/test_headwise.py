@@ -61,6 +61,17 @@ def test_allocation_sums_to_the_base_total_and_follows_the_need(tmp_path, need, 
     assert int(chosen_per_head(sel).sum(dim=-1)[0]) == 3 * 40
 
 
+@pytest.mark.parametrize(
+    ("power", "expected"), [(1.0, [96, 24, 24]), (0.5, [72, 36, 36]), (0.0, [48, 48, 48]), (2.0, [128, 8, 8])]
+)
+def test_power_softens_or_sharpens_the_split(tmp_path, power, expected):
+    # need 0.16 / 0.04 / 0.04 (4:1:1); square roots 0.4 / 0.2 / 0.2 (2:1:1); squares 16:1:1; of 3 · 48 = 144
+    layer = random_layer(3, 16, 200, seed=1)
+    method = headwise("oracle", calibration(tmp_path, {LAYER: [0.16, 0.04, 0.04]}), power=power)
+    sel = method.select(method.build(layer), random_queries(2, 6, 16, seed=2), 48)
+    assert chosen_per_head(sel).tolist() == [expected] * 2
+
+
 def test_each_head_takes_its_own_top_k_of_the_base_scores(tmp_path):
     """Head h attends exactly the k_h best of the base's scores (plain torch.topk per head), plus the
     base's local window."""
@@ -179,6 +190,7 @@ def test_spec_label_round_trip_and_provenance(tmp_path):
         ("headwise:base=yakvv", "did you mean 'yakv'"),
         ("headwise:base.rnak=3,base=shadowkv", "did you mean 'rank'"),
         ("headwise:min_blocks=-1", "min_blocks"),
+        ("headwise:power=-1", "power=-1.0 is invalid"),
         ("headwise:calib=/no/such/calibration", "no head calibration at /no/such/calibration"),
         ("headwise:calb=runs/heads", "did you mean 'calib'"),
     ],

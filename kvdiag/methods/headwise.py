@@ -17,7 +17,7 @@ from kvdiag.methods._head_budget import (
     file_sha256,
     load_calibration,
 )
-from kvdiag.methods._scoring import check_int
+from kvdiag.methods._scoring import check_float, check_int
 from kvdiag.methods.base import Built, BuiltBatch, DecodeState, LayerKV, Method
 from kvdiag.methods.specs import parse_method_spec
 
@@ -38,8 +38,9 @@ class Headwise(Method):
     Allocation, per layer and decode state: the base chooses k = `n_blocks_selected(budget)` scored
     blocks (tokens for YAKV, chunks for ShadowKV, pages for ArkVale) per KV head, at most the N blocks
     there are; headwise gives head h k_h blocks with Σ_h k_h = H_kv · min(k, N), each k_h in
-    [`min_blocks`, N], k_h ∝ need_h (`kvdiag.analysis.heads.allocate_budget`: proportional shares
-    clipped to the bounds, largest-remainder rounding). need_h is the calibration's need of this
+    [`min_blocks`, N], k_h ∝ need_h^`power` (`kvdiag.analysis.heads.allocate_budget`: proportional
+    shares clipped to the bounds, largest-remainder rounding; power 1 is the issue's proportional
+    split, 0 the base's even one, 0.5 a softer split between). need_h is the calibration's need of this
     layer's KV head h (`kvdiag heads` → heads_calibration.json: by default the median over the gold
     answer's tokens of the GQA group's 90 %-mass need, as a share of L0, mean over the calibration
     samples). Where the base chooses fewer than `min_blocks` per head nothing is moved. Each head
@@ -84,6 +85,7 @@ class Headwise(Method):
     base: str = "yakv"
     calib: str = UNIFORM
     min_blocks: int = 1
+    power: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, str) or not self.base.strip():
@@ -94,6 +96,7 @@ class Headwise(Method):
                 f"heads_calibration.json, or {UNIFORM!r}"
             )
         check_int(self.name, "min_blocks", self.min_blocks, 0)
+        check_float(self.name, "power", self.power, 0.0, 8.0)
         try:
             base = parse_method_spec(self.base)
         except KvdiagError as err:
@@ -183,7 +186,7 @@ class Headwise(Method):
         if built.dense or total < self.min_blocks * n_kv:
             counts = uniform
         else:
-            need = self.layer_need(built.info["headwise_layer"], n_kv)
+            need = self.layer_need(built.info["headwise_layer"], n_kv) ** self.power
             counts = torch.as_tensor(
                 allocate_budget(need, total, self.min_blocks, n_blocks), dtype=torch.long
             )
@@ -201,8 +204,13 @@ class Headwise(Method):
     ) -> torch.Tensor:
         return self._base.score_with(batch, q, states, backend)
 
-    def materialize(self, built: Built, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._base.materialize(built, ids)
+    def materialize(
+        self, built: Built, ids: torch.Tensor, fetched: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base's keys / values; `fetched` (rows a runtime read from host memory) passed through."""
+        if fetched is None:
+            return self._base.materialize(built, ids)
+        return self._base.materialize(built, ids, fetched)
 
     def dense_view(self, built: Built) -> tuple[torch.Tensor, torch.Tensor]:
         return self._base.dense_view(built)
