@@ -14,10 +14,13 @@ Stages, per task, each resumable (a finished stage is skipped):
   queries, and the fetched bytes per step summed over KV heads, mean over layers →
   recall_<task>.csv;
 - eval: `run_eval` of the base and headwise at each budget on the same samples (score, teacher-forced
-  KL and top-1 agreement, gold log-probability, fetched bytes) → eval_<task>/.
-Then comparison.csv: per source (recall / eval), task, budget and metric, the paired difference
-headwise − base (`kvdiag.study.paired.paired_difference`: mean and 95 % BCa bootstrap interval over
-samples) next to both means.
+  KL and top-1 agreement, gold log-probability, fetched bytes) → eval_<task>/;
+- split: on the same teacher-forced samples, every layer, the attention mass the oracle's selection
+  keeps under the even split, the calibrated need-proportional split and the best static / per-step
+  splits in hindsight (`kvdiag.analysis.head_split`) → split_<task>.csv.
+Then comparison.csv: per source (recall / eval / split), task, budget and metric, the paired
+difference headwise − base (split: each split − the even one; `kvdiag.study.paired.paired_difference`:
+mean and 95 % BCa bootstrap interval over samples) next to both means.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ BUDGETS = (0.015625, 0.03125)
 MAX_NEW_TOKENS = {"text2json": 128, "multineedle": 160}
 RECALL_METRICS = ("attention_mass", "recall_gqa", "err_total", "err_selection", "fetched_bytes_step")
 EVAL_METRICS = ("score", "kl_mean", "top1_agree", "gold_logprob_method", "fetched_bytes_per_step")
-STAGES = ("calibrate", "recall", "eval", "compare")
+SPLITS = ("proportional", "best_static", "best_per_step")
+STAGES = ("calibrate", "recall", "eval", "split", "compare")
 
 
 def headwise_spec(base: str, calib: Path) -> str:
@@ -89,6 +93,43 @@ def recall_per_sample(model: str, task: str, methods: Sequence[str], budgets: Se
     return pd.concat(rows, ignore_index=True)
 
 
+def split_per_sample(model: str, task: str, budgets: Sequence[float], n: int, seed: int, target_tokens: int,
+                     calib: Path, chat: bool | None = None) -> pd.DataFrame:  # fmt: skip
+    """One row per sample × layer × budget: `head_split_table` at the gold answer's positions, with the
+    calibration's need for the proportional split."""
+    from kvdiag.analysis.head_split import head_split_table
+    from kvdiag.capture import capture_prompt
+    from kvdiag.eval.heads import teacher_forced
+    from kvdiag.methods import resolve_budget
+    from kvdiag.methods._head_budget import load_calibration
+    from kvdiag.models import load_model
+    from kvdiag.tasks import get_task
+
+    need = load_calibration(calib).need
+    net, tokenizer = load_model(model)
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    samples = get_task(task).samples(n, seed=seed, tokenizer=tokenizer, target_tokens=target_tokens)
+    rows = []
+    for sample in tqdm(samples, desc=f"split {task}", unit="sample"):
+        x = teacher_forced(tokenizer, task, sample, use_chat)
+        trace = capture_prompt(net, tokenizer, None, input_ids=x.input_ids)
+        n_ctx = int(x.positions[0])
+        tokens = [resolve_budget(b, n_ctx) for b in budgets]
+        table = head_split_table(trace, x.positions, tokens, need)
+        table["budget"] = table.budget_tokens.map(dict(zip(tokens, budgets)))
+        rows.append(table.assign(task=task, sample_id=sample.id, n_context=n_ctx))
+        del trace
+    return pd.concat(rows, ignore_index=True)
+
+
+def split_rows(table: pd.DataFrame, task: str, budgets: Sequence[float]) -> list[dict]:
+    """Paired differences (over samples, means over layers) of each split's mass − the even split's."""
+    per_sample = table.groupby(["sample_id", "budget"])[["even", *SPLITS]].mean().reset_index()
+    long = per_sample.melt(["sample_id", "budget"], var_name="method", value_name="attention_mass")
+    return [row for split in SPLITS
+            for row in paired_rows(long, "split", task, "even", split, budgets, ["attention_mass"])]  # fmt: skip
+
+
 def paired_rows(table: pd.DataFrame, source: str, task: str, base: str, headwise: str,
                 budgets: Sequence[float], metrics: Sequence[str]) -> list[dict]:  # fmt: skip
     """Paired differences headwise − base per budget and metric (one dict each)."""
@@ -97,7 +138,8 @@ def paired_rows(table: pd.DataFrame, source: str, task: str, base: str, headwise
         for metric in metrics:
             a, b = paired_scores(table, (headwise, budget), (base, budget), column=metric)
             diff = paired_difference(a, b)
-            rows.append({"source": source, "task": task, "base": base, "budget": budget, "metric": metric,
+            rows.append({"source": source, "task": task, "base": base, "method": headwise, "budget": budget,
+                         "metric": metric,
                          "n": diff.n, "base_mean": diff.b_mean, "headwise_mean": diff.a_mean,
                          "difference": diff.mean, "ci_low": diff.low, "ci_high": diff.high,
                          "interval": diff.interval})  # fmt: skip
@@ -137,11 +179,17 @@ def run_headwise_study(out, model: str = "smollm2-135m", tasks: Sequence[str] = 
         if "eval" in stages:
             run_eval(model, task, out / f"eval_{task}", methods=[base, headwise], budgets=list(budgets), n=n,
                      seed=seed, target_tokens=target_tokens, max_new_tokens=MAX_NEW_TOKENS.get(task, 128))  # fmt: skip
+        split_csv = out / f"split_{task}.csv"
+        if "split" in stages and not split_csv.exists():
+            table = split_per_sample(model, task, budgets, n, seed, target_tokens, calib_dir)
+            atomic_write_bytes(split_csv, table.to_csv(index=False).encode())
         if "compare" in stages:
             if recall_csv.exists():
                 recall = pd.read_csv(recall_csv)
                 rows += paired_rows(recall, "recall", task, base, headwise, budgets, RECALL_METRICS)
                 rows += paired_rows(recall, "recall", task, oracle, headwise_oracle, budgets, RECALL_METRICS)
+            if split_csv.exists():
+                rows += split_rows(pd.read_csv(split_csv), task, budgets)
             results = out / f"eval_{task}" / "results.parquet"
             if results.exists():
                 rows += paired_rows(
