@@ -70,3 +70,14 @@ def test_four_splits_on_a_hand_case():
     assert row["proportional"] == pytest.approx(0.5375, abs=1e-6) and row["split_proportional"] == [1, 3]
     assert row["best_per_step"] == pytest.approx(row["best_static"])  # one query: the same
     assert math.isclose(float(curves[1, 0, 8]), 1.0, abs_tol=1e-6)
+
+
+def test_power_half_softens_the_proportional_split():
+    # need 0.16 / 0.64 → square roots 0.4 / 0.8: 12 tokens split 1:2 = 4 / 8 (need^1 gives 1:4, 2.4 / 9.6 → 2 / 10)
+    q, k, pos = weights_layer([[1 / 16] * 16, [1 / 16] * 16], n_kv=2)
+    curves = mass_curves(q, k, pos, scaling=1.0, max_tokens=12)
+    row = layer_head_split(curves, 6, need=[0.16, 0.64], powers=(1.0, 0.5))
+    assert row["split_proportional"] == [2, 10] and row["split_proportional_p0.5"] == [4, 8]
+    assert row["proportional_p0.5"] == pytest.approx(
+        6 / 16, abs=1e-6
+    )  # uniform heads: any split keeps 12/16/2

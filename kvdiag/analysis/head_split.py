@@ -12,6 +12,7 @@ a = 0..A. A split (a_1..a_H) of a layer total T = H·k (each a_h ≥ `min_per_he
 mean_h M_h(a_h), per query. Compared, per layer and budget k (mean over queries):
 - even: a_h = k (what every method does);
 - proportional: `allocate_budget(need, T, min_per_head)` (what `headwise` does with its calibration);
+  with `powers`, also need^p for each p ≠ 1 (column "proportional_p{p}", `headwise`'s power knob);
 - best_static: the one split that maximises the mean over the queries (the best calibration in
   hindsight could not do better with a fixed split);
 - best_per_step: the best split of each query on its own (an upper bound of any head-wise rule).
@@ -90,9 +91,10 @@ def split_mass(curves: torch.Tensor, split: Sequence[int]) -> torch.Tensor:
     return curves.gather(-1, index[:, None, None].expand(-1, curves.shape[1], 1))[..., 0].mean(dim=0)
 
 
-def layer_head_split(curves: torch.Tensor, budget_tokens: int, need=None, min_per_head: int = 1) -> dict:
-    """Mass kept (mean over queries) by the four splits of the module docstring, at k = budget_tokens
-    per head, and the static splits themselves."""
+def layer_head_split(curves: torch.Tensor, budget_tokens: int, need=None, min_per_head: int = 1,
+                     powers: Sequence[float] = (1.0,)) -> dict:  # fmt: skip
+    """Mass kept (mean over queries) by the splits of the module docstring, at k = budget_tokens per
+    head, and the static splits themselves."""
     n_heads, width = curves.shape[0], curves.shape[-1] - 1
     k = min(int(budget_tokens), width)
     total = n_heads * k
@@ -101,15 +103,16 @@ def layer_head_split(curves: torch.Tensor, budget_tokens: int, need=None, min_pe
     per_step, _ = best_split(curves, total, min_per_head)
     row = {"budget_tokens": k, "even": float(even), "best_static": float(static_value) / n_heads,
            "best_per_step": float(per_step.mean()) / n_heads, "split_best_static": static.tolist()}  # fmt: skip
-    if need is not None:
-        proportional = allocate_budget(need, total, min_per_head, width)
-        row["proportional"] = float(split_mass(curves, proportional).mean())
-        row["split_proportional"] = proportional.tolist()
+    for power in powers if need is not None else ():
+        name = "proportional" if power == 1 else f"proportional_p{power:g}"
+        split = allocate_budget(np.asarray(need, dtype=float) ** power, total, min_per_head, width)
+        row[name] = float(split_mass(curves, split).mean())
+        row[f"split_{name}"] = split.tolist()
     return row
 
 
 def head_split_table(trace, positions, budgets_tokens: Sequence[int], needs: dict | None = None,
-                     layers=None, min_per_head: int = 1) -> pd.DataFrame:  # fmt: skip
+                     layers=None, min_per_head: int = 1, powers: Sequence[float] = (1.0,)) -> pd.DataFrame:  # fmt: skip
     """One row per layer × budget of a `Trace` (layers default: all full-attention ones): the mass
     kept by the even, proportional (with needs[layer] [H_kv], e.g. a calibration's), best static and
     best per-step splits (`layer_head_split`)."""
@@ -128,5 +131,5 @@ def head_split_table(trace, positions, budgets_tokens: Sequence[int], needs: dic
                                  meta.get("softcap"))  # fmt: skip
             for k in budgets_tokens:
                 need = None if needs is None else np.asarray(needs[layer], dtype=float)
-                rows.append({"layer": layer, **layer_head_split(curves, k, need, min_per_head)})
+                rows.append({"layer": layer, **layer_head_split(curves, k, need, min_per_head, powers)})
     return pd.DataFrame(rows)

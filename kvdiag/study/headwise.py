@@ -16,8 +16,8 @@ Stages, per task, each resumable (a finished stage is skipped):
 - eval: `run_eval` of the base and headwise at each budget on the same samples (score, teacher-forced
   KL and top-1 agreement, gold log-probability, fetched bytes) → eval_<task>/;
 - split: on the same teacher-forced samples, every layer, the attention mass the oracle's selection
-  keeps under the even split, the calibrated need-proportional split and the best static / per-step
-  splits in hindsight (`kvdiag.analysis.head_split`) → split_<task>.csv.
+  keeps under the even split, the calibrated need-proportional splits (need^1 and need^0.5) and the
+  best static / per-step splits in hindsight (`kvdiag.analysis.head_split`) → split_<task>.csv.
 Then comparison.csv: per source (recall / eval / split), task, budget and metric, the paired
 difference headwise − base (split: each split − the even one; `kvdiag.study.paired.paired_difference`:
 mean and 95 % BCa bootstrap interval over samples) next to both means.
@@ -44,7 +44,7 @@ BUDGETS = (0.015625, 0.03125)
 MAX_NEW_TOKENS = {"text2json": 128, "multineedle": 160}
 RECALL_METRICS = ("attention_mass", "recall_gqa", "err_total", "err_selection", "fetched_bytes_step")
 EVAL_METRICS = ("score", "kl_mean", "top1_agree", "gold_logprob_method", "fetched_bytes_per_step")
-SPLITS = ("proportional", "best_static", "best_per_step")
+SPLITS = ("proportional", "proportional_p0.5", "best_static", "best_per_step")
 STAGES = ("calibrate", "recall", "eval", "split", "compare")
 
 
@@ -115,7 +115,7 @@ def split_per_sample(model: str, task: str, budgets: Sequence[float], n: int, se
         trace = capture_prompt(net, tokenizer, None, input_ids=x.input_ids)
         n_ctx = int(x.positions[0])
         tokens = [resolve_budget(b, n_ctx) for b in budgets]
-        table = head_split_table(trace, x.positions, tokens, need)
+        table = head_split_table(trace, x.positions, tokens, need, powers=(1.0, 0.5))
         table["budget"] = table.budget_tokens.map(dict(zip(tokens, budgets)))
         rows.append(table.assign(task=task, sample_id=sample.id, n_context=n_ctx))
         del trace
