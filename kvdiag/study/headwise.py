@@ -204,6 +204,20 @@ def run_headwise_study(out, model: str = "smollm2-135m", tasks: Sequence[str] = 
     return comparison
 
 
+def markdown_table(comparison: pd.DataFrame, digits: int = 3) -> str:
+    """comparison.csv as a markdown table: what is compared with what, both means and the paired
+    difference with its interval."""
+    lines = ["| source | task | budget | metric | compared | base | compared − base [95 % CI] |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in comparison.itertuples(index=False):
+        compared = f"{row.method} split" if row.source == "split" else f"headwise({row.base})"
+        interval = "" if row.interval == "none" else f" [{row.ci_low:+.{digits}g}, {row.ci_high:+.{digits}g}]"
+        lines.append(f"| {row.source} | {row.task} | {100 * row.budget:g} % | {row.metric} | {compared} "
+                     f"{row.headwise_mean:.{digits}g} | {row.base} {row.base_mean:.{digits}g} | "
+                     f"{row.difference:+.{digits}g}{interval} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
@@ -224,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.n, args.seed, args.n_calib, args.calib_seed, args.target_tokens, args.stages.split(","),
     )  # fmt: skip
     if not comparison.empty:
-        print(comparison.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+        print(markdown_table(comparison))
 
 
 if __name__ == "__main__":
