@@ -181,7 +181,8 @@ fetched
 
 # %% [markdown]
 # What it changes: attention mass kept and output error, mean over KV heads and answer tokens. One
-# sample and a few layers only; docs/headwise.md has the paired comparison over held-out samples.
+# sample and a few layers only; docs/headwise.md has the paired comparison over held-out samples
+# (there, on this model, the proportional split loses to the even one at equal bytes).
 
 # %%
 recall.groupby(["method", "layer"])[["attention_mass", "err_total"]].mean().unstack("method").round(3)
