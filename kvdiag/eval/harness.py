@@ -142,6 +142,24 @@ def _check_data(task_name: str, knobs: dict) -> None:
 # --- the pipeline -----------------------------------------------------------------------------------
 
 
+def _provenance(method: Method) -> dict:
+    """{"provenance": ...} for a method that reads files (a headwise calibration), else {}."""
+    found = method.provenance()
+    return {"provenance": found} if found else {}
+
+
+def _warn_calibrated_on(runs, sample_ids: list[str]) -> list[str]:
+    """Log (and return) the methods whose calibration was measured on some of the evaluated samples."""
+    lines = []
+    for run in runs:
+        source = run.method.provenance().get("calibration", {}).get("source", {})
+        shared = sorted(set(source.get("sample_ids") or []) & set(sample_ids))
+        if shared:
+            lines.append(f"{run.label} was calibrated on evaluated samples {', '.join(shared)}")
+            log.warning("%s: calibrate on other samples (e.g. `kvdiag heads --seed 100`)", lines[-1])
+    return lines
+
+
 def _plan(pending: list[Cell], batch_size: int) -> list[tuple[list, list[list[Cell]]]]:
     """The order a process runs its pending cells in: [(samples, batches)] with the samples in groups
     of batch_size (prefilled, then decoded together) and per group one batch per method label × budget
@@ -275,9 +293,10 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
             except KvdiagError as err:
                 raise KvdiagError(f"sample {s.id} ({length} prompt tokens): {err}") from None
 
+    _warn_calibrated_on(runs, [s.id for s in samples])
     merged = merge_manifest(out, previous, config, [
         {"label": r.label, "spec": r.spec, "name": r.method.name, "paper": r.method.paper, "knobs": r.method.knobs(),
-         "budgets": r.budgets, "own_budgets": r.pinned} for r in runs], [
+         "budgets": r.budgets, "own_budgets": r.pinned, **_provenance(r.method)} for r in runs], [
         {"id": s.id, "prompt_tokens": int(prompts[s.id].shape[1]), "prompt_sha256": prompt_digest(prompts[s.id]),
          **s.meta} for s in samples])  # fmt: skip
     if me.distributed:  # the run directory is the same either way; the invocation says how it ran

@@ -7,8 +7,9 @@ may *add* cells whose meaning fits the existing ones, and is refused only on a r
   n; checked below), fewer samples (nothing new runs), another method or method label, another budget;
 - refused: a different model, task, task knobs (except `data_dir`, a path that may differ between
   machines: the prompts' SHA-256 are compared instead), seed, target_tokens, max_new_tokens, chat,
-  device, dtype or fidelity; a method label whose knobs changed (a new default in the code); a sample
-  id whose prompt changed (a changed task generator or data file).
+  device, dtype or fidelity; a method label whose knobs changed (a new default in the code) or whose
+  files changed (`Method.provenance`: a headwise calibration rewritten in place); a sample id whose
+  prompt changed (a changed task generator or data file).
 
 The manifest then describes the union: `config` with n the largest so far and methods / budgets the
 union in first-seen order, `methods` and `samples` merged by label and id, and `invocations` one
@@ -76,6 +77,13 @@ def _union(first: list, second: list) -> list:
     return merged
 
 
+def _digests(provenance: dict | None) -> dict:
+    """{file role: SHA-256} of a method's `provenance` (paths differ between machines; content counts)."""
+    return {
+        role: entry.get("sha256") for role, entry in (provenance or {}).items() if isinstance(entry, dict)
+    }
+
+
 def merge_manifest(
     out: Path, previous: dict | None, config: dict, methods: list[dict], samples: list[dict]
 ) -> dict:
@@ -98,6 +106,9 @@ def merge_manifest(
             raise _conflict(
                 out, f"the knobs of method {method['label']}", before.get("knobs"), method.get("knobs")
             )
+        if _digests(before.get("provenance")) != _digests(method.get("provenance")):
+            raise _conflict(out, f"the SHA-256 of the files read by method {method['label']}",
+                            _digests(before.get("provenance")), _digests(method.get("provenance")))  # fmt: skip
         before["budgets"] = _union(before.get("budgets", []), method["budgets"])
         before["own_budgets"] = bool(before.get("own_budgets")) and bool(method.get("own_budgets"))
     merged_samples = {s["id"]: s for s in previous.get("samples", [])}

@@ -5,7 +5,8 @@
     list_methods()                                    # name, paper, knobs, description
 
 A new file here is a new method (`kvdiag.methods.registry`); methods from outside kvdiag register
-with `@register_method` or the `kvdiag.methods` entry-point group.
+with `@register_method` or the `kvdiag.methods` entry-point group. `headwise` wraps another method
+("headwise:base=yakv,calib=runs/heads"); private helpers (`_scoring`, `_head_budget`) start with "_".
 """
 
 from __future__ import annotations

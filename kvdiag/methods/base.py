@@ -20,7 +20,8 @@ A subclass implements
                             -> [B, n, H_sel, n_blocks] fp32 block scores of B prompts (padding -inf);
     materialize(built, ids) -> (k, v) [H_kv, m, d] fp32 for token ids [H_kv, m];
 and describes its blocks: `block_size` (1 per token, ShadowKV chunks of 8, Quest/ArkVale pages of 16),
-`block_starts(built)` (first token of every scored block), `n_blocks_selected(built, budget)` and
+`block_starts(built)` (first token of every scored block), `n_blocks_selected(built, budget)` (the
+same count for every KV head unless `blocks_per_head` says otherwise, as `headwise` does) and
 `always_kept(built, state)` (local window, sinks, outliers, dense layers). The base class does the
 top-k, the block → token expansion and the always-kept set, prices the fetched entries and keeps
 the optional GPU cache of recently fetched tokens, for one prompt (`select`) or a batch of prompts
@@ -429,13 +430,18 @@ class Method(ABC):
     """Base class. Subclasses are dataclasses; their fields are the method's knobs.
 
     Class attributes a subclass sets: `name` (registry key), `paper` (citation), and
-    `per_query_head` (selections per query head rather than per KV head).
+    `per_query_head` (selections per query head rather than per KV head); a method that wraps
+    another (`headwise`) sets `wraps_method` (left out of the default method list) and names in
+    `nested_specs` its fields that hold a method spec (written `base=yakv,base.center=True` in a
+    spec: see `label` and `kvdiag.methods.specs.parse_method_spec`).
     """
 
     name: ClassVar[str] = "base"
     paper: ClassVar[str] = ""
     per_query_head: ClassVar[bool] = False
     fetch_per_query_head: ClassVar[bool] = False
+    wraps_method: ClassVar[bool] = False
+    nested_specs: ClassVar[tuple[str, ...]] = ()
 
     # --- what a method implements -------------------------------------------------------------
 
@@ -496,6 +502,11 @@ class Method(ABC):
         """Values the method derives from its knobs for this layer (ranks, storage formats)."""
         return {}
 
+    def provenance(self) -> dict[str, Any]:
+        """The files the method reads and what identifies their content (path, SHA-256), for run
+        manifests: a run that resumes with the same knobs but another file is refused. Default none."""
+        return {}
+
     # --- what the base does -------------------------------------------------------------------
 
     def stack(self, builts: list[Built]) -> BuiltBatch:
@@ -530,16 +541,21 @@ class Method(ABC):
         n_rows, n, n_q_heads = q.shape[0], q.shape[1], q.shape[2]
         always = self._always_batch(batch, states, n_q_heads, q.device)
         n_sel = always.shape[1]
-        ks = [
-            0 if row.dense else self.n_blocks_selected(row, st.budget_tokens)
-            for row, st in zip(batch.rows, states)
-        ]
-        if max(ks) == 0:
+        ks = torch.stack([self.blocks_per_head(row, st) for row, st in zip(batch.rows, states)])
+        ks = ks.to(q.device).repeat_interleave(n_sel // ks.shape[1], dim=1)  # [B, H_sel]
+        if int(ks.max()) == 0:
             ids = torch.full((n_rows, n, n_sel, 0), -1, dtype=torch.long, device=q.device)
         else:
             scores = self.score_with(batch, q, states, backend)  # [B, n, H_sel, N]
-            ids = self._top_blocks(batch, scores, torch.tensor(ks, device=q.device))
+            ids = self._top_blocks(batch, scores, ks)
         return self._finish(batch, states, ids, always)
+
+    def blocks_per_head(self, built: Built, state: DecodeState) -> torch.Tensor:
+        """[H_kv] long: scored blocks each KV head chooses per step (default `n_blocks_selected` for
+        every head, none on a dense layer; a per-query-head method's query heads take their KV
+        head's count). The `headwise` wrapper overrides it to split the same total unevenly."""
+        k = 0 if built.dense else self.n_blocks_selected(built, state.budget_tokens)
+        return torch.full((built.n_kv_heads,), k, dtype=torch.long)
 
     def score_with(
         self, batch: BuiltBatch, q: torch.Tensor, states: list[DecodeState], backend: str
@@ -563,11 +579,13 @@ class Method(ABC):
         return None
 
     def _top_blocks(self, batch: BuiltBatch, scores: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
-        """[B, n, H_sel, N] scores, per-row block counts ks [B] -> token ids [B, n, H_sel, K] ascending."""
+        """[B, n, H_sel, N] scores, block counts ks [B, H_sel] (per row and head) or [B] (per row)
+        -> token ids [B, n, H_sel, K] ascending, K = max(ks) · block_size."""
         chosen = topk_indices(scores, int(ks.max()))  # [B, n, H, k_max]
         picked = scores.gather(-1, chosen)
         rank = torch.arange(chosen.shape[-1], device=scores.device)
-        keep = (rank < ks[:, None, None, None]) & (picked > float("-inf"))
+        per_head = ks.reshape(ks.shape[0], 1, -1, 1)  # [B, 1, H_sel | 1, 1]
+        keep = (rank < per_head) & (picked > float("-inf"))
         b, n, h, k = chosen.shape
         starts = batch.starts.to(scores.device).expand(b, h, -1)  # [B, H, N]
         first = starts[:, None].expand(b, n, h, -1).gather(-1, chosen)  # [B, n, H, k]
@@ -634,13 +652,23 @@ class Method(ABC):
                 f.default_factory() if f.default_factory is not MISSING else MISSING
             )  # fmt: skip
             if f.init and getattr(self, f.name) != default:
-                changed.append(f"{f.name}={getattr(self, f.name)}")
+                value = getattr(self, f.name)
+                changed.extend(nested_spec_items(f.name, value) if f.name in self.nested_specs
+                               else [f"{f.name}={value}"])  # fmt: skip
         return f"{self.name}:{','.join(changed)}" if changed else self.name
 
 
 def per_step(kernel, q: torch.Tensor) -> torch.Tensor:
     """Run a one-query-per-row kernel (q [B, H_q, d] -> [B, H, N]) over the n steps of q [B, n, H_q, d]."""
     return torch.stack([kernel(q[:, i].contiguous()) for i in range(q.shape[1])], dim=1)
+
+
+def nested_spec_items(field_name: str, spec: str) -> list[str]:
+    """A method spec held by a field, as items of the outer spec: ("base", "shadowkv:rank=320,chunk=8")
+    -> ["base=shadowkv", "base.rank=320", "base.chunk=8"] (the outer spec's commas stay unambiguous)."""
+    name, _, rest = spec.partition(":")
+    knobs = [item.strip() for item in rest.split(",") if item.strip()]
+    return [f"{field_name}={name.strip()}"] + [f"{field_name}.{item}" for item in knobs]
 
 
 def check_backend(backend: str) -> None:

@@ -1,7 +1,8 @@
 """Method and budget specs as the command line and configs write them.
 
 - `parse_method_spec("shadowkv:rank=320,chunk=8")` builds a method from "name" or
-  "name:knob=value,knob=value" (values take the type of the knob's default);
+  "name:knob=value,knob=value" (values take the type of the knob's default; a wrapper's base as
+  "headwise:base=shadowkv,base.rank=320,calib=runs/heads");
 - `parse_budget("3.125%")` reads a budget: a fraction of the prompt ("0.03125", "3.125%") or tokens
   ("2048"), checked for form before the prompt length is known (`check_budget`);
 - `resolve_methods([...])` turns a list of objects or specs into Method objects, refusing duplicates.
@@ -45,11 +46,15 @@ def parse_method_spec(spec: str) -> Method:
     """Build a method from a CLI spec "name" or "name:knob=value,knob=value".
 
     Values take the type of the knob's default; string values may contain ':' (e.g.
-    "yakv:landmark_quant=higgs:EDEN4-256").
+    "yakv:landmark_quant=higgs:EDEN4-256"). A wrapper's field that holds a method spec (its class's
+    `nested_specs`) is written "base=shadowkv,base.rank=320,base.chunk=8" (or, with one knob,
+    "base=shadowkv:rank=320"): the dotted knobs join the field's spec.
 
     >>> m = parse_method_spec("shadowkv:rank=320,chunk=8")
     >>> (m.name, m.rank, m.chunk)
     ('shadowkv', 320, 8)
+    >>> parse_method_spec("headwise:base=shadowkv,base.rank=320").base
+    'shadowkv:rank=320'
     """
     if not isinstance(spec, str) or not spec.strip():
         raise KvdiagError(f"method spec {spec!r} is empty; use e.g. 'shadowkv:rank=320,chunk=8'")
@@ -59,15 +64,24 @@ def parse_method_spec(spec: str) -> Method:
     if name not in found:
         raise unknown_name_error("method", name, found)
     fields = {f.name: f for f in knob_fields(found[name])}
+    nested = {field: [] for field in found[name].nested_specs}
     knobs: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         knob, eq, value = item.partition("=")
         knob = knob.strip()
         if not eq:
             raise KvdiagError(f"method spec {spec!r}: {item!r} is not knob=value")
+        outer, dot, inner = knob.partition(".")
+        if dot and outer in nested:
+            nested[outer].append(f"{inner.strip()}={value.strip()}")
+            continue
         if knob not in fields:
             raise unknown_name_error(f"knob of method {name!r}:", knob, fields)
         knobs[knob] = _parse_value(name, knob, value, default_value(fields[knob]))
+    for field, items in nested.items():
+        if items:
+            inner_spec = str(knobs.get(field, default_value(fields[field])))
+            knobs[field] = inner_spec + ("," if ":" in inner_spec else ":") + ",".join(items)
     return get_method(name, **knobs)
 
 
@@ -107,8 +121,10 @@ def check_budget(budget: float | int) -> None:
 
 
 def default_methods() -> list[str]:
-    """Every registered method except `exact` (the reference itself)."""
-    return [name for name in method_names() if name != "exact"]
+    """Every registered method except `exact` (the reference itself) and the wrappers of another
+    method (`headwise`: by default a copy of its base)."""
+    found = registry()
+    return [name for name in method_names() if name != "exact" and not found[name].wraps_method]
 
 
 def resolve_methods(methods: Sequence[Method | str] | None) -> list[Method]:

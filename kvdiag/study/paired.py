@@ -107,19 +107,20 @@ def paired_difference(a, b, seed: int = SEED, confidence: float = CONFIDENCE,
     raise KvdiagError(f"no bootstrap interval for {n} paired differences")  # percentile is always finite
 
 
-def column_scores(table: pd.DataFrame, label: str, budget: float) -> pd.Series:
-    """Scores of (method label, budget) indexed by sample id, from a results table (columns sample_id,
-    method, budget, score)."""
+def column_scores(table: pd.DataFrame, label: str, budget: float, column: str = "score") -> pd.Series:
+    """Values of `column` (default the score) of (method label, budget) indexed by sample id, from a
+    results table (columns sample_id, method, budget and `column`)."""
     rows = table[(table.method == label) & np.isclose(table.budget.astype(float), float(budget))]
-    return rows.drop_duplicates("sample_id").set_index("sample_id").score.astype(float)
+    return rows.drop_duplicates("sample_id").set_index("sample_id")[column].astype(float)
 
 
 def paired_scores(
-    table: pd.DataFrame, a: tuple[str, float], b: tuple[str, float]
+    table: pd.DataFrame, a: tuple[str, float], b: tuple[str, float], column: str = "score"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of (method label, budget) `a` and `b` on the samples that have both, aligned by sample id."""
-    joined = pd.concat([column_scores(table, *a).rename("a"), column_scores(table, *b).rename("b")], axis=1,
-                       join="inner").sort_index()  # fmt: skip
+    """Values of `column` (default the score) of (method label, budget) `a` and `b` on the samples that
+    have both, aligned by sample id."""
+    joined = pd.concat([column_scores(table, *a, column).rename("a"), column_scores(table, *b, column).rename("b")],
+                       axis=1, join="inner").sort_index()  # fmt: skip
     return joined.a.to_numpy(), joined.b.to_numpy()
 
 
