@@ -141,6 +141,19 @@ def holds_run(out: str | Path) -> bool:
     return (Path(out).expanduser() / MANIFEST).is_file()
 
 
+def replaces_run(out: str | Path, overwrite: bool, distributed: bool = False) -> bool:
+    """Whether a resumable command (eval, reproduce) must build a whole new run beside `out` and swap it
+    in (`replacing_run_dir`): `overwrite` over an existing run. Refused under torchrun, where every
+    rank would need the same staging directory."""
+    if not (overwrite and holds_run(out)):
+        return False
+    if distributed:
+        raise KvdiagError(
+            f"--overwrite of {out} under torchrun: remove the run first, or overwrite it without torchrun"
+        )
+    return True
+
+
 def _describe(manifest: dict) -> str:
     created = manifest.get("created")
     model = (manifest.get("config") or {}).get("model")

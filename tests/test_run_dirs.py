@@ -156,6 +156,18 @@ def test_a_caller_that_does_not_name_its_kind_is_refused_any_run(runs, tmp_path)
     assert (tmp_path / "new" / "table.parquet").exists()
 
 
+def test_overwrite_under_torchrun_is_refused_before_anything_changes(runs, tmp_path):
+    from kvdiag.runs import replaces_run
+
+    out = copy_run(runs, "eval", tmp_path)
+    before = sorted(p.name for p in out.iterdir())
+    assert replaces_run(out, overwrite=True) and not replaces_run(out, overwrite=False)
+    assert not replaces_run(tmp_path / "empty", overwrite=True, distributed=True)  # nothing to replace
+    with pytest.raises(KvdiagError, match="--overwrite of .* under torchrun"):
+        replaces_run(out, overwrite=True, distributed=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_swapping_without_an_atomic_exchange_still_replaces(monkeypatch, tmp_path):
     import kvdiag.runs as runs_module
 

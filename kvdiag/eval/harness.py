@@ -218,7 +218,7 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
 
     from kvdiag.eval.distributed import barrier, from_main, gather, rank_device, ranks, shard_samples
     from kvdiag.models import load_model, load_tokenizer, resolve_device
-    from kvdiag.runs import claim_run_dir, holds_run, replacing_run_dir, write_manifest, write_table
+    from kvdiag.runs import claim_run_dir, replaces_run, replacing_run_dir, write_manifest, write_table
     from kvdiag.tasks import get_task
 
     start = time.perf_counter()
@@ -245,11 +245,7 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     run_device = rank_device(device, me)
     out = Path(out).expanduser()
     claim_run_dir(out, "eval", overwrite=overwrite)
-    if overwrite and holds_run(out):
-        if me.distributed:
-            raise KvdiagError(
-                f"--overwrite of {out} under torchrun: remove the run first, or overwrite it without torchrun"
-            )
+    if replaces_run(out, overwrite, me.distributed):
         with replacing_run_dir(out) as staging:
             result = run_eval(**{**call, "out": staging, "overwrite": False})
         moved = {

@@ -63,11 +63,10 @@ def calibrate(model: str, task: str, out: Path, n: int, seed: int, target_tokens
     return path
 
 
-def recall_per_sample(model: str, task: str, methods: Sequence[str], budgets: Sequence[float], n: int,
-                      seed: int, target_tokens: int, chat: bool | None = None) -> pd.DataFrame:  # fmt: skip
-    """One row per sample × method × budget: recall metrics at the gold answer's positions (see the
-    module docstring), means over layers, KV heads and queries."""
-    from kvdiag.analysis.recall import recall_table
+def teacher_forced_traces(model: str, task: str, n: int, seed: int, target_tokens: int, chat: bool | None,
+                          desc: str):  # fmt: skip
+    """Yield (sample, TeacherForced inputs, Trace) for n samples of `task`: the prompt plus the gold
+    answer captured in one forward pass (its positions are the decode-like queries)."""
     from kvdiag.capture import capture_prompt
     from kvdiag.eval.heads import teacher_forced
     from kvdiag.models import load_model
@@ -76,10 +75,19 @@ def recall_per_sample(model: str, task: str, methods: Sequence[str], budgets: Se
     net, tokenizer = load_model(model)
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
     samples = get_task(task).samples(n, seed=seed, tokenizer=tokenizer, target_tokens=target_tokens)
-    rows = []
-    for sample in tqdm(samples, desc=f"recall {task}", unit="sample"):
+    for sample in tqdm(samples, desc=f"{desc} {task}", unit="sample"):
         x = teacher_forced(tokenizer, task, sample, use_chat)
-        trace = capture_prompt(net, tokenizer, None, input_ids=x.input_ids)
+        yield sample, x, capture_prompt(net, tokenizer, None, input_ids=x.input_ids)
+
+
+def recall_per_sample(model: str, task: str, methods: Sequence[str], budgets: Sequence[float], n: int,
+                      seed: int, target_tokens: int, chat: bool | None = None) -> pd.DataFrame:  # fmt: skip
+    """One row per sample × method × budget: recall metrics at the gold answer's positions (see the
+    module docstring), means over layers, KV heads and queries."""
+    from kvdiag.analysis.recall import recall_table
+
+    rows = []
+    for sample, x, trace in teacher_forced_traces(model, task, n, seed, target_tokens, chat, "recall"):
         table = recall_table(trace, list(methods), budgets, query_positions=x.positions, per_position=False,
                              progress=False)  # fmt: skip
         layers = table.layer.nunique()
@@ -98,21 +106,12 @@ def split_per_sample(model: str, task: str, budgets: Sequence[float], n: int, se
     """One row per sample × layer × budget: `head_split_table` at the gold answer's positions, with the
     calibration's need for the proportional split."""
     from kvdiag.analysis.head_split import head_split_table
-    from kvdiag.capture import capture_prompt
-    from kvdiag.eval.heads import teacher_forced
     from kvdiag.methods import resolve_budget
     from kvdiag.methods._head_budget import load_calibration
-    from kvdiag.models import load_model
-    from kvdiag.tasks import get_task
 
     need = load_calibration(calib).need
-    net, tokenizer = load_model(model)
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
-    samples = get_task(task).samples(n, seed=seed, tokenizer=tokenizer, target_tokens=target_tokens)
     rows = []
-    for sample in tqdm(samples, desc=f"split {task}", unit="sample"):
-        x = teacher_forced(tokenizer, task, sample, use_chat)
-        trace = capture_prompt(net, tokenizer, None, input_ids=x.input_ids)
+    for sample, x, trace in teacher_forced_traces(model, task, n, seed, target_tokens, chat, "split"):
         n_ctx = int(x.positions[0])
         tokens = [resolve_budget(b, n_ctx) for b in budgets]
         table = head_split_table(trace, x.positions, tokens, need, powers=(1.0, 0.5))

@@ -181,7 +181,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     from kvdiag.eval.harness import _context_length
     from kvdiag.methods import check_budget
     from kvdiag.models import resolve_device
-    from kvdiag.runs import claim_run_dir, git_hash, holds_run, replacing_run_dir, write_manifest
+    from kvdiag.runs import claim_run_dir, git_hash, replaces_run, replacing_run_dir, write_manifest
     from kvdiag.study.report import export_report, write_report
 
     start = time.perf_counter()
@@ -206,11 +206,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
         echo = _silent
     out = Path(out).expanduser()
     previous = claim_run_dir(out, "reproduce", overwrite=overwrite)
-    if overwrite and holds_run(out):
-        if me.distributed:
-            raise KvdiagError(
-                f"--overwrite of {out} under torchrun: remove the run first, or overwrite it without torchrun"
-            )
+    if replaces_run(out, overwrite, me.distributed):
         with replacing_run_dir(out) as staging:
             result = run_reproduce(**{**call, "out": staging, "overwrite": False})
         report = result["report"] and out / Path(result["report"]).relative_to(staging)
