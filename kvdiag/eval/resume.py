@@ -40,7 +40,7 @@ def prompt_digest(input_ids) -> str:
 def _conflict(out: Path, field: str, old, new) -> KvdiagError:
     return KvdiagError(
         f"cannot add to {out}: {field} is {old!r} there and {new!r} now; existing cells would change "
-        f"meaning (use the same value or a new --out)"
+        f"meaning (use the same value, a new --out, or --overwrite to start afresh)"
     )
 
 
@@ -50,7 +50,9 @@ def previous_manifest(out: Path, config: dict) -> dict | None:
     path = out / "manifest.json"
     if not path.exists():
         if (out / PREDICTIONS).exists():
-            raise KvdiagError(f"{out} has {PREDICTIONS} but no manifest.json; use a new --out")
+            raise KvdiagError(
+                f"{out} has {PREDICTIONS} but no manifest.json; use a new --out, or --overwrite to start afresh"
+            )
         return None
     manifest = json.loads(path.read_text())
     if manifest.get("command") != "eval":
