@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from kvdiag.errors import KvdiagError
-from kvdiag.eval.distributed import Ranks, shard_samples
+from kvdiag.eval.distributed import Ranks, gpu_of, shard_cells, shard_samples
 from kvdiag.eval.harness import run_eval
 from kvdiag.eval.store import merge_rank_files, rank_file, rank_files, read_predictions
 
@@ -108,6 +108,15 @@ def test_two_ranks_write_what_one_process_writes(tmp_path, single):
     for key in ("config", "methods", "samples", "status", "cells", "new_cells"):
         assert manifest[key] == reference[key], key
     assert manifest["invocations"][-1]["torchrun_ranks"] == 2
+
+
+def test_ranks_sharing_out_methods_write_what_one_process_writes(tmp_path, single):
+    out = tmp_path / "run"
+    done = torchrun(tmp_path, *ARGS, "--shard-by", "methods", "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # exact and streaming ran on rank 0, oracle on rank 1: both prefilled every sample
+    assert list(cells(out)) == list(cells(single)) and cells(out) == cells(single)
+    pd.testing.assert_frame_equal(table(out), table(single))
 
 
 def test_a_rank_that_dies_loses_only_its_unfinished_cells_and_the_same_command_resumes(tmp_path, single):
@@ -235,6 +244,31 @@ def test_samples_are_shared_round_robin_and_a_surplus_of_ranks_is_refused():
         shard_samples(ids[:1], Ranks(1, 2))
     assert shard_samples(ids[:1], Ranks(1, 2), idle_ok=True) == []  # reproduce's small stages: rank 1 waits
     assert shard_samples([], Ranks(1, 4)) == []  # nothing left: nothing to refuse
+
+
+def test_methods_are_shared_round_robin_with_all_their_samples_and_ranks_share_gpus():
+    from types import SimpleNamespace
+
+    cells = [SimpleNamespace(sample=SimpleNamespace(id=s), label=m, budget=b)
+             for s in ("s0", "s1") for m, b in (("exact", 1.0), ("oracle", 0.25), ("oracle", 0.5), ("yakv", 0.25))]  # fmt: skip
+    mine = [
+        [(c.sample.id, c.label, c.budget) for c in shard_cells(cells, Ranks(r, 3), "methods")]
+        for r in range(3)
+    ]
+    assert mine == [[("s0", "exact", 1.0), ("s0", "yakv", 0.25), ("s1", "exact", 1.0), ("s1", "yakv", 0.25)],
+                    [("s0", "oracle", 0.25), ("s1", "oracle", 0.25)], [("s0", "oracle", 0.5), ("s1", "oracle", 0.5)]]  # fmt: skip
+    assert shard_cells(cells, Ranks(), "methods") == cells
+    assert [c.sample.id for c in shard_cells(cells, Ranks(1, 2), "samples")] == ["s1"] * 4
+    with pytest.raises(
+        KvdiagError, match=r"5 ranks but only 4 method configuration\(s\).*--nproc-per-node 4"
+    ):
+        shard_cells(cells, Ranks(0, 5), "methods")
+    assert shard_cells(cells, Ranks(4, 5), "methods", idle_ok=True) == []
+    with pytest.raises(KvdiagError, match="shard_by 'layers' is unknown"):
+        shard_cells(cells, Ranks(), "layers")
+    assert [gpu_of(r, 1) for r in range(3)] == [0, 0, 0] and [gpu_of(r, 2) for r in range(4)] == [0, 1, 0, 1]
+    with pytest.raises(KvdiagError, match="no GPU"):
+        gpu_of(0, 0)
 
 
 def row(sample: str, method: str = "exact") -> dict:

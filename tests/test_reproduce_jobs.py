@@ -104,14 +104,16 @@ def test_yaml_files_and_knob_overrides(tmp_path):
     config = load_config(path)
     assert [p.task for p in config.tasks] == ["text2json", "needle"]
     t2j, needle = config.tasks
-    assert t2j.knobs == {"n_entities": 6} and (t2j.n, t2j.target_tokens) == (50, 12288)  # the rest from gpu
-    assert needle.n == 40 and needle.max_new_tokens == 64 and config.recall_queries == 16
-    assert config.name == str(path) and config.analysis_tokens == 16384
+    assert t2j.knobs == {"n_entities": 6} and (t2j.n, t2j.target_tokens) == (50, 8192)  # the rest from gpu
+    assert needle.n == 40 and needle.max_new_tokens == 32 and config.recall_queries == 16
+    assert config.name == str(path) and config.analysis_tokens == 8192 and config.calibration is not None
 
+    assert override_knobs(config, ["text2json:domain=movies"]).calibration == config.calibration
     overridden = override_knobs(config, ["text2json:n_entities=8", "text2json:domain=movies"])
     assert overridden.tasks[0].knobs == {"n_entities": 8, "domain": "movies"} and config.tasks[0].knobs == {
         "n_entities": 6
     }
+    assert overridden.calibration is None  # a knob set by hand replaces the calibration of that knob
     html = override_knobs(quick_config(), ["html2tsv_synthetic:n_items=3", "html2tsv:subset=2k"])
     assert next(p for p in html.tasks if p.task == "html2tsv").knobs == {"n_items": 3, "subset": "2k"}
 

@@ -19,7 +19,9 @@ fraction of the prompt, "2048" a token count.
 Several GPUs: `torchrun --nproc-per-node N --no-python -- kvdiag eval ...` shares the samples with
 cells left out among N ranks (one GPU each with --device cuda); each rank appends to its own
 predictions.rank{R}.jsonl and rank 0 merges them into the same run directory a single process
-writes. Any world size (or none) resumes any other's run. The `--` keeps torchrun from reading
+writes. Any world size (or none) resumes any other's run. More ranks than GPUs share them
+round-robin: a small model's decode is bound by the host, so with --shard-by methods (each rank its
+own method configurations) several ranks on one GPU finish sooner than one. The `--` keeps torchrun from reading
 kvdiag's --n as an abbreviation of its own options.
 
 Re-running with the same --out resumes: finished (sample, method, budget) cells in predictions.jsonl
@@ -94,6 +96,11 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(
             False, "--overwrite", help="replace the run in --out instead of resuming it"
         ),
+        shard_by: str = typer.Option(
+            "samples",
+            "--shard-by",
+            help="under torchrun: share out samples, or methods (for ranks sharing one GPU)",
+        ),
     ) -> None:
         """Generate answers to a task's samples with exact attention and with each offloading method at
         each budget (in the accuracy simulator), score them, and write predictions.jsonl,
@@ -113,7 +120,7 @@ def register(app: typer.Typer) -> None:
                 model, task, out, methods=specs, budgets=budget_list, task_knobs=parse_task_knobs(task, task_knob or []),
                 n=n, target_tokens=target_tokens, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
                 data_dir=data_dir, device=device, dtype=dtype, fidelity=not no_fidelity, batch_size=batch_size,
-                overwrite=overwrite, progress=not quiet(),
+                overwrite=overwrite, progress=not quiet(), shard_by=shard_by,
             )  # fmt: skip
         except KeyboardInterrupt:
             if overwrite:

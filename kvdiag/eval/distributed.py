@@ -9,15 +9,21 @@ plus a gloo group for the control messages (barriers and small Python objects, w
 GPU), or gloo alone on CPU. No tensor crosses ranks: each rank decodes its own samples. Without torchrun
 (or with WORLD_SIZE 1) nothing is initialised and every helper here is a no-op for the single rank.
 
-Sharding (`shard_samples`): whole samples, round-robin over the samples that still have pending cells
-(pending sample j goes to rank j mod W). Whole samples because a sample's cells share one exact
-prefill (and one teacher-forced fidelity pass), which splitting them across ranks would repeat on
-each; `--batch-size` batches form within a rank from its own samples. The pending samples, not all,
-because the ranks read the same files (predictions.jsonl and every rank's predictions.rank{R}.jsonl)
-before any of them writes (a barrier), so they agree on what is pending: a resumed run spreads what is
-left evenly, no finished cell runs again, and a run of any world size resumes a run of any other
-(what decides is the set of finished cells, not which rank wrote them). Each rank appends its rows to
-its own predictions.rank{R}.jsonl; after a barrier rank 0 merges them (`kvdiag.eval.store`).
+Sharding (`shard_cells`), by samples (the default, `shard_samples`): whole samples, round-robin over
+the samples that still have pending cells (pending sample j goes to rank j mod W). Whole samples
+because a sample's cells share one exact prefill (and one teacher-forced fidelity pass), which
+splitting them across ranks would repeat on each; `--batch-size` batches form within a rank from its
+own samples. By methods (`--shard-by methods`): whole method configurations, each rank with all their
+samples, for ranks that share a GPU whose decoding is bound by the host (`gpu_of`). The pending cells,
+not all, because the ranks read the same files (predictions.jsonl and every rank's
+predictions.rank{R}.jsonl) before any of them writes (a barrier), so they agree on what is pending: a
+resumed run spreads what is left evenly, no finished cell runs again, and a run of any world size
+resumes a run of any other (what decides is the set of finished cells, not which rank wrote them).
+Each rank appends its rows to its own predictions.rank{R}.jsonl; after a barrier rank 0 merges them
+(`kvdiag.eval.store`).
+
+GPUs: one per rank (NCCL plus the gloo control group), or, with more local ranks than GPUs, ranks share
+them round-robin over gloo alone (NCCL takes one rank per GPU; no tensor crosses ranks anyway).
 
 Timeouts: every collective waits at most KVDIAG_DIST_TIMEOUT_S seconds (default 3600, the process
 group's timeout), so a rank that died (and was not already stopped by torchrun, which ends the others
@@ -106,13 +112,13 @@ def ranks(device: str = "cpu") -> Ranks:
     local_rank = _env_int("LOCAL_RANK", 0)
     if not dist.is_initialized():
         if device.startswith("cuda") and torch.cuda.is_available():
-            if local_rank >= torch.cuda.device_count():
-                raise KvdiagError(
-                    f"LOCAL_RANK {local_rank} but {torch.cuda.device_count()} GPU(s) visible; use "
-                    f"--nproc-per-node {torch.cuda.device_count()} or fewer (one GPU per rank)"
-                )
-            torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
+            gpus = torch.cuda.device_count()
+            torch.cuda.set_device(gpu_of(local_rank, gpus))
+            if _env_int("LOCAL_WORLD_SIZE", world) > gpus:  # ranks share GPUs: NCCL allows one rank per GPU
+                log.info("%d ranks on %d GPU(s): gloo only (no tensor crosses ranks)", world, gpus)
+                dist.init_process_group("gloo", timeout=timeout)
+            else:
+                dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
         else:
             dist.init_process_group("gloo", timeout=timeout)
         atexit.register(_shutdown)
@@ -138,7 +144,19 @@ def rank_device(device: str, r: Ranks) -> str:
         raise KvdiagError(
             f"--device {device} names one GPU, but under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda"
         )
-    return f"cuda:{r.local_rank}"
+    import torch
+
+    return f"cuda:{gpu_of(r.local_rank, torch.cuda.device_count())}"
+
+
+def gpu_of(local_rank: int, gpus: int) -> int:
+    """The GPU a local rank computes on: its own when there are enough, else ranks share them round-robin
+    (rank i on GPU i mod gpus). Sharing pays where decoding is bound by the host, not the GPU: a small
+    model's eager decode step is mostly Python and kernel launches, so two ranks on one GPU run nearly
+    twice the steps per second (`--shard-by methods` gives each rank its own method configurations)."""
+    if gpus < 1:
+        raise KvdiagError("--device cuda under torchrun, but no GPU is visible")
+    return local_rank % gpus
 
 
 def shard_samples(sample_ids: list[str], r: Ranks, idle_ok: bool = False) -> list[str]:
@@ -152,6 +170,33 @@ def shard_samples(sample_ids: list[str], r: Ranks, idle_ok: bool = False) -> lis
             + (" or run without torchrun" if len(sample_ids) == 1 else " or fewer")
         )
     return sample_ids[r.rank :: r.world]
+
+
+SHARD_BY = ("samples", "methods")
+
+
+def shard_cells(cells: list, r: Ranks, by: str = "samples", idle_ok: bool = False) -> list:
+    """This rank's pending cells (objects with .sample.id, .label and .budget), in their order.
+
+    by="samples": whole samples (`shard_samples`). by="methods": whole method configurations (label ×
+    budget, every world-th one in first-seen order, with all their samples): each rank then prefills
+    every sample itself (the exact prefill repeats on every rank, which costs little on a GPU), but
+    its decode steps are only its configurations', so ranks that share a host-bound GPU split the
+    steps instead of each decoding every configuration (`gpu_of`). The run directory is the same."""
+    if by not in SHARD_BY:
+        raise KvdiagError(f"shard_by {by!r} is unknown; use one of {', '.join(SHARD_BY)}")
+    if by == "samples":
+        mine = set(shard_samples(list(dict.fromkeys(c.sample.id for c in cells)), r, idle_ok))
+        return [c for c in cells if c.sample.id in mine]
+    groups = list(dict.fromkeys((c.label, repr(c.budget)) for c in cells))
+    if r.distributed and 0 < len(groups) < r.world and not idle_ok:
+        raise KvdiagError(
+            f"torchrun started {r.world} ranks but only {len(groups)} method configuration(s) have cells left "
+            f"to run (--shard-by methods shares out whole configurations); use --nproc-per-node {len(groups)} "
+            "or fewer, or --shard-by samples"
+        )
+    mine = set(groups[r.rank :: r.world])
+    return [c for c in cells if (c.label, repr(c.budget)) in mine]
 
 
 def _failed(r: Ranks, what: str, err: Exception) -> KvdiagError:

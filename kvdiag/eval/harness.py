@@ -193,7 +193,7 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
              data_dir=None, device: str | None = "cpu", dtype=None, fidelity: bool = True,
              progress: bool = True, shared_prefill: bool = True,
              deadline: float | None = None, batch_size: int = 1, idle_ranks_ok: bool = False,
-             overwrite: bool = False) -> dict:  # fmt: skip
+             overwrite: bool = False, shard_by: str = "samples") -> dict:  # fmt: skip
     """The `kvdiag eval` pipeline (see the module docstring); resumes into an existing `out`.
 
     methods: specs ("shadowkv:rank=320", "yakv@3.125%"), Method objects or (method, budget) pairs,
@@ -204,7 +204,8 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     `time.monotonic()` value after which no new cell starts (the run is then partial); batch_size: how
     many samples are decoded together per method × budget (the same tokens as one at a time);
     idle_ranks_ok: under torchrun, let ranks without a pending sample wait instead of refusing the
-    world size (`kvdiag.eval.distributed.shard_samples`); overwrite: replace the run in `out` instead
+    world size (`kvdiag.eval.distributed.shard_cells`); shard_by: how torchrun ranks share the cells,
+    "samples" or "methods" (configurations; for ranks sharing a GPU); overwrite: replace the run in `out` instead
     of resuming it (the new run is staged beside it and swapped in when it has finished;
     `kvdiag.runs.replacing_run_dir`; not under torchrun). Every input is validated before the model
     loads and before anything is written. Figures: `kvdiag.plots.plot_run(out)` (the command draws
@@ -216,7 +217,7 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     call = dict(locals())
     from tqdm.auto import tqdm
 
-    from kvdiag.eval.distributed import barrier, from_main, gather, rank_device, ranks, shard_samples
+    from kvdiag.eval.distributed import SHARD_BY, barrier, from_main, gather, rank_device, ranks, shard_cells
     from kvdiag.models import load_model, load_tokenizer, resolve_device
     from kvdiag.runs import claim_run_dir, replaces_run, replacing_run_dir, write_manifest, write_table
     from kvdiag.tasks import get_task
@@ -240,6 +241,8 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise KvdiagError(f"{name} must be an integer ≥ 1, got {value!r}")
+    if shard_by not in SHARD_BY:
+        raise KvdiagError(f"--shard-by {shard_by!r} is unknown; use one of {', '.join(SHARD_BY)}")
     device = resolve_device(device)
     me = ranks(device)  # under torchrun: the process group (see kvdiag.eval.distributed)
     run_device = rank_device(device, me)
@@ -304,7 +307,7 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     done = finished_keys(out)  # predictions.jsonl and any rank's file (a torn last line is cut off here)
     pending = [c for c in cells if c.key not in done]
     created = not out.exists()
-    mine = set(shard_samples(list(dict.fromkeys(c.sample.id for c in pending)), me, idle_ranks_ok))
+    mine_pending = shard_cells(pending, me, shard_by, idle_ranks_ok)
     barrier(me, f"after reading {out}")  # every rank has read what is done before any rank writes
     log.info("%d cells, %d already in %s", len(cells), len(cells) - len(pending), out)
 
@@ -329,7 +332,6 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
         merge_rank_files(out, order)
     written = rank_file(out, me.rank) if me.distributed else out / PREDICTIONS
 
-    mine_pending = [c for c in pending if c.sample.id in mine]
     bar = tqdm(
         total=len(cells) - len(pending) + len(mine_pending), initial=len(cells) - len(pending),
         desc=f"eval {task}" + (f" rank {me.rank}/{me.world}" if me.distributed else ""), unit="cell",

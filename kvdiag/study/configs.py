@@ -68,6 +68,10 @@ class ReproduceConfig:
     fidelity: bool = True
     html2tsv_real: bool = True  # use LongProc's real pages when the data is found
     batch_size: int = 1  # samples decoded together per method × budget (the GPU config batches)
+    shard_by: str = "samples"  # under torchrun: ranks share samples, or methods (ranks sharing a GPU)
+    # a `kvdiag.study.calibrate.Calibration` as a dict: that task's knobs and answer cap are chosen by
+    # exact attention on held-out samples (the `calibrate` stage) instead of taken from its plan
+    calibration: dict | None = None
     name: str = "custom"  # how the report names it: quick, gpu, a YAML file's name, custom
 
     def to_json(self) -> dict:
@@ -89,23 +93,36 @@ def quick_config() -> ReproduceConfig:
 
 
 def gpu_config() -> ReproduceConfig:
-    """One H200, qwen2.5-coder-0.5b: Text2JSON n = 50 at 12K-token prompts, multi-needle and needle
-    n = 20 at 16K, LongProc's real HTML→TSV pages n = 20 (`--data-dir`), the study's configurations at
-    the study's budgets with ShadowKV's outlier chunks at the study's share of the prompt, fidelity on
-    every cell, recall on every layer.
+    """One H200, qwen2.5-coder-0.5b, sized to finish in about 20 minutes of GPU time:
 
-    The Text2JSON knobs and answer cap are a placeholder until calibrated (exact attention must score
-    well above the floor at this length): set them with `--task-knob text2json:n_entities=8` or a YAML
-    file (module docstring)."""
+    - Text2JSON n = 50 at 8K-token prompts; its entity count and answer cap are calibrated first (the
+      `calibrate` stage, `kvdiag.study.calibrate`): exact attention alone on 8 held-out samples
+      (seed 1000) at 4, 8 and 12 entities, the hardest with an exact mean ≥ 50 is evaluated;
+    - multi-needle (11 needles) and needle n = 20 at 16K-token prompts;
+    - LongProc's real HTML→TSV pages (`--data-dir`) n = 20 among the 0.5k subset's pages of at most
+      12K prompt tokens (the subset's pages reach 64K tokens, past the model's 32K context);
+    - answer caps ~1.1-2× the longest gold answer (Text2JSON's per candidate);
+    - the study's configurations at the study's budgets, ShadowKV's outlier chunks at the study's share
+      of the prompt, teacher-forced fidelity on every cell, recall on every layer of an 8K prompt;
+    - 25 samples decoded together; under torchrun the ranks share out method configurations
+      (`shard_by="methods"`): the 0.5B model's eager decode is bound by the host, so three ranks on the
+      one GPU (`torchrun --nproc-per-node 3`) decode about three times the steps per second."""
+    text2json_candidates = [
+        {"knobs": {"n_entities": 4, "n_distractors": 2}, "max_new_tokens": 192},
+        {"knobs": {"n_entities": 8, "n_distractors": 4}, "max_new_tokens": 288},
+        {"knobs": {"n_entities": 12, "n_distractors": 6}, "max_new_tokens": 384},
+    ]
     return ReproduceConfig(
         tasks=[
-            TaskPlan("text2json", 50, 12288, 512, {"n_entities": 8, "n_distractors": 4}),
-            TaskPlan("multineedle", 20, 16384, 320),
-            TaskPlan("html2tsv", 20, 16384, 1024),
-            TaskPlan("needle", 20, 16384, 64),
+            TaskPlan("text2json", 50, 8192, 288, {"n_entities": 8, "n_distractors": 4}),
+            TaskPlan("needle", 20, 16384, 32),
+            TaskPlan("multineedle", 20, 16384, 192),
+            TaskPlan("html2tsv", 20, 16384, 800, {"max_prompt_tokens": 12288}),
         ],
-        analysis_tokens=16384, recall_layer_stride=1, recall_queries=64, scale_outliers=True,
-        fidelity=True, html2tsv_real=True, name="gpu", batch_size=10,
+        analysis_tokens=8192, recall_layer_stride=1, recall_queries=64, scale_outliers=True,
+        fidelity=True, html2tsv_real=True, name="gpu", batch_size=25, shard_by="methods",
+        calibration={"task": "text2json", "n": 8, "seed": 1000, "min_score": 50.0,
+                     "candidates": text2json_candidates},
     )  # fmt: skip
 
 
@@ -184,6 +201,16 @@ def config_from_dict(data: dict, where: str = "the configuration") -> ReproduceC
     ]
     if "recall_sweep" in values:
         values["recall_sweep"] = tuple(values["recall_sweep"])
+    if values.get("calibration") is not None:
+        from kvdiag.study.calibrate import Calibration
+
+        cal = Calibration.from_dict(values["calibration"], f"{where}: calibration")
+        if cal.task not in {p.task for p in values["tasks"]}:
+            raise KvdiagError(f"{where}: the calibrated task {cal.task} is not among the tasks")
+        for i, cand in enumerate(cal.candidates):
+            _plan_knobs_valid(cal.task, cand["knobs"], f"{where}: calibration candidate {i}")
+    if values.get("shard_by", "samples") not in ("samples", "methods"):
+        raise KvdiagError(f"{where}: shard_by must be samples or methods, got {values['shard_by']!r}")
     for key in ("analysis_tokens", "recall_layer_stride", "recall_queries"):
         if key in values:
             _positive_int(values[key], f"{where}: {key}")
@@ -208,10 +235,13 @@ def load_config(spec: str | Path) -> ReproduceConfig:
 
 def override_knobs(config: ReproduceConfig, items: list[str]) -> ReproduceConfig:
     """Apply "task:knob=value" overrides (typed like the knob's default, as `kvdiag eval --task-knob`)
-    to the plans of that task; "html2tsv_synthetic:..." applies to the html2tsv plan."""
+    to the plans of that task; "html2tsv_synthetic:..." applies to the html2tsv plan. A knob that the
+    configuration's calibration would choose (e.g. text2json:n_entities in `gpu`) is set by hand
+    instead: the calibration is dropped, and the plan's answer cap stays."""
     from kvdiag.eval.inputs import parse_task_knobs
 
     plans = [dataclasses.replace(p, knobs=dict(p.knobs)) for p in config.tasks]
+    calibration = config.calibration
     for item in items:
         task, colon, knob = item.partition(":")
         task = task.strip()
@@ -223,7 +253,14 @@ def override_knobs(config: ReproduceConfig, items: list[str]) -> ReproduceConfig
             raise unknown_name_error("task of this configuration", task, [p.task for p in plans])
         for plan in targets:
             plan.knobs.update(parse_task_knobs(task, [knob]))
-    return dataclasses.replace(config, tasks=plans)
+        name = knob.partition("=")[0].strip()
+        if (
+            calibration
+            and calibration["task"] == plan_task
+            and any(name in c["knobs"] for c in calibration["candidates"])
+        ):
+            calibration = None
+    return dataclasses.replace(config, tasks=plans, calibration=calibration)
 
 
 # --- the study's configurations ---------------------------------------------------------------------

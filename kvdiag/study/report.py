@@ -107,6 +107,40 @@ def _finding_line(f) -> str:
     return f"- **Claim {f.id}: {f.statement}: {f.verdict}.** {f.evidence.rstrip('.')}.{needed}"
 
 
+def _calibration_lines(out: Path) -> list[str]:
+    """The calibrate stage's table and choice (`kvdiag.study.calibrate`), when the run has one."""
+    from kvdiag.study.calibrate import load_choice
+
+    saved = load_choice(out / "calibrate")
+    if saved is None:
+        return []
+    cal, chosen, table = saved["calibration"], saved["chosen"], saved["table"]
+    knob_names = list(cal["candidates"][0]["knobs"])
+    rows = [[r["candidate"], *[r.get(f"knob_{k}") for k in knob_names], r["max_new_tokens"],
+             f"{r['prompt_tokens_mean']:.0f}", f"{r['exact_mean']:.1f} ({r['exact_min']:.0f}-{r['exact_max']:.0f})",
+             r["tokens_generated_max"], f"{r['hit_cap_share']:.2f}",
+             "**chosen**" if r["candidate"] == chosen["candidate"] else ""] for r in table]  # fmt: skip
+    return [
+        f"Calibration of {cal['task']} (`calibrate/`): exact attention alone on {cal['n']} samples of seed "
+        f"{cal['seed']} (the evaluation uses seed 0), per candidate setting; chosen: {chosen['reason']}.",
+        "",
+        markdown_table(
+            [
+                "candidate",
+                *knob_names,
+                "max new tokens",
+                "prompt tokens",
+                "exact score (min-max)",
+                "longest answer",
+                "hit cap",
+                "",
+            ],
+            rows,
+        ),  # fmt: skip
+        "",
+    ]
+
+
 def write_report(out: str | Path, info: dict) -> Path:
     """Write out/report.md, out/findings.json and out/predictions/ from the sub-runs of a reproduce run;
     info: what `run_reproduce` passes (model, family, quick, mode, device, html2tsv_task, config, roles,
@@ -164,9 +198,11 @@ def write_report(out: str | Path, info: dict) -> Path:
                     ", ".join(f"{k}={v}" for k, v in t["knobs"].items()) or "defaults",
                     info["outlier_chunks"].get(t["task"], ""),
                 ]
-                for t in config["tasks"]
+                for t in info.get("plans", config["tasks"])
             ],
         ),  # fmt: skip
+        "",
+        *_calibration_lines(out),
         "",
         f"HTML→TSV: `{info['html2tsv_task']}` "
         + (

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from kvdiag.errors import KvdiagError, unknown_name_error
+from kvdiag.study.calibrate import Calibration
 from kvdiag.study.configs import (  # noqa: F401  (re-exported: reproduce's public names)
     CONFIGS,
     HTML_TASKS,
@@ -130,7 +131,7 @@ def _comparable(top: dict) -> dict:
     """A reproduce config without what may change between jobs: the data folder's path (the eval
     stages check the prompts themselves), the configuration's name (its content is compared) and each
     task's n (eval runs grow by samples)."""
-    return {**{k: v for k, v in top.items() if k not in ("data_dir", "name", "quick")},
+    return {**{k: v for k, v in top.items() if k not in ("data_dir", "name", "quick", "shard_by")},
             "tasks": [{k: v for k, v in t.items() if k != "n"} for t in top.get("tasks", [])]}  # fmt: skip
 
 
@@ -216,7 +217,13 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     html_task = _html2tsv_task(config, data_dir)
     plans = [_adapt_plan(plan, html_task) for plan in config.tasks]
     plans, skipped = fit_plans(model, plans, echo)
-    stage_names = ["spectrum", "recall", *(f"eval_{p.task}" for p in plans)]
+    calibration = None if config.calibration is None else Calibration.from_dict(config.calibration)
+    stage_names = [
+        *(["calibrate"] if calibration else []),
+        "spectrum",
+        "recall",
+        *(f"eval_{p.task}" for p in plans),
+    ]
     selected = select_stages(stage_names, stages)
     top = {"model": model, "device": device, "family": family, "html2tsv_task": html_task,
            "data_dir": None if data_dir is None else str(data_dir), "quick": quick, **config.to_json()}  # fmt: skip
@@ -249,7 +256,9 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
             return "not started", "time budget spent, left for the next run"
         return None
 
-    def stage(name: str, stage_config: dict, artefact: str, run, every_rank: bool = False) -> None:
+    def stage(
+        name: str, stage_config: dict, artefact: str, run, every_rank: bool = False, plot: bool = True
+    ) -> None:
         """Run one stage unless it is done, not selected or past the deadline (rank 0 decides for all
         ranks); an eval stage (every_rank) runs on every rank, the others on rank 0 while the rest wait."""
         number = stage_names.index(name) + 1
@@ -267,7 +276,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
         finished = (run() is not False) if every_rank or me.main else None
         if not every_rank:
             finished = from_main(me, finished, f"after {name} (rank 0 runs it)")
-        if finished and me.main:  # the stage's figures, drawn from its tables
+        if finished and me.main and plot:  # the stage's figures, drawn from its tables
             from kvdiag.plots import plot_run
 
             plot_run(out / name)
@@ -285,6 +294,22 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
             echo(
                 f"[{number}/{total}] {name}: stopped at the time budget after {seconds:.0f} s; run again to continue"
             )
+
+    chosen = None  # the calibrated task's knobs and answer cap, once the calibrate stage has chosen them
+    if calibration is not None:
+        from kvdiag.study.calibrate import load_choice, run_calibration
+
+        cal_plan = next(p for p in plans if p.task == calibration.task)
+        cal_config = {"model": model, "device": device, "target_tokens": cal_plan.target_tokens,
+                      **dataclasses.asdict(calibration)}  # fmt: skip
+        stage("calibrate", cal_config, "calibration.json", lambda: run_calibration(
+            model, calibration, cal_plan.target_tokens, out / "calibrate", device=device,
+            data_dir=data_dir if _reads_data(calibration.task) else None, progress=progress), every_rank=True,
+            plot=False)  # fmt: skip
+        done = records.get("calibrate", {})
+        if done.get("status") == "complete" and done.get("config") == cal_config:
+            chosen = from_main(me, (load_choice(out / "calibrate") or {}).get("chosen") if me.main else None,
+                               "after reading the calibration")  # fmt: skip
 
     @functools.cache
     def text() -> str:  # built only when spectrum or recall runs
@@ -318,7 +343,15 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     from kvdiag.eval.harness import run_eval
 
     roles = {}
-    for plan in plans:
+    for index, plan in enumerate(plans):
+        if calibration is not None and plan.task == calibration.task:
+            if chosen is None:
+                name = f"eval_{plan.task}"
+                wanted[name], timings[name] = {"waits for": "calibrate"}, "not started"
+                echo(f"[{stage_names.index(name) + 1}/{total}] {name}: waits for the calibrate stage")
+                continue
+            plan = plans[index] = dataclasses.replace(plan, knobs={**plan.knobs, **chosen["knobs"]},
+                                                      max_new_tokens=chosen["max_new_tokens"])  # fmt: skip
         studied = study_methods(family, plan.target_tokens if config.scale_outliers else None)
         roles[plan.task] = roles_of(studied)
         eval_config = {**dataclasses.asdict(plan), "model": model, "device": device, "fidelity": config.fidelity,
@@ -328,7 +361,8 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
             budgets=[], task_knobs=plan.knobs, n=plan.n, target_tokens=plan.target_tokens,
             max_new_tokens=plan.max_new_tokens, data_dir=data_dir if _reads_data(plan.task) else None,
             device=device, fidelity=config.fidelity, progress=progress, deadline=deadline,
-            batch_size=config.batch_size, idle_ranks_ok=True)["complete"], every_rank=True)  # fmt: skip
+            batch_size=config.batch_size, idle_ranks_ok=True, shard_by=config.shard_by)["complete"],
+            every_rank=True)  # fmt: skip
 
     remaining = [
         name for name in stage_names
@@ -348,6 +382,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     )
     info = {"model": model, "family": family, "quick": quick, "mode": mode, "device": device, "html2tsv_task": html_task,
             "config": top, "roles": roles, "tasks": [p.task for p in plans], "stages": records,
+            "plans": [dataclasses.asdict(p) for p in plans],
             "recall_roles": roles_of(study_methods(family, config.analysis_tokens if config.scale_outliers else None)),
             "outlier_chunks": {p.task: study_methods(family, p.target_tokens if config.scale_outliers else None)[0]
                                .method.outlier_chunks for p in plans}}  # fmt: skip

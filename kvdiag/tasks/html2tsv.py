@@ -99,11 +99,14 @@ def load_user_prompt(path: Path) -> str:
 
 @dataclass
 class HtmlToTsv(Task):
-    """Knobs: subset ("0.5k" or "2k": LongProc's output-length groups), data_dir.
+    """Knobs: subset ("0.5k" or "2k": LongProc's output-length groups), data_dir, max_prompt_tokens.
 
     `samples(n=None)` returns every task of the subset in file order; an integer n returns a seeded
     random subset of n tasks (in file order), nested: the subset for n holds the one for any smaller n
-    (so an eval run can grow by samples).
+    (so an eval run can grow by samples). max_prompt_tokens keeps only the tasks whose prompt text has
+    at most that many tokens (in the given tokenizer), before the subset is drawn: the 0.5k subset's
+    pages run from 1.8K to 64K tokens in Qwen2.5's tokenizer, past a small model's context (a kvdiag
+    deviation from LongProc, which keeps every page; the run's samples record their lengths).
     """
 
     name = "html2tsv"
@@ -113,10 +116,14 @@ class HtmlToTsv(Task):
 
     subset: str = "0.5k"
     data_dir: str | None = None
+    max_prompt_tokens: int | None = None
 
     def __post_init__(self):
         if self.subset not in SUBSETS:
             raise unknown_name_error("html2tsv subset", self.subset, SUBSETS)
+        limit = self.max_prompt_tokens
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise KvdiagError(f"html2tsv max_prompt_tokens must be an integer ≥ 1 or None, got {limit!r}")
 
     def _root(self) -> Path | None:
         data_dir = resolve_data_dir(self.data_dir)
@@ -138,30 +145,30 @@ class HtmlToTsv(Task):
 
     def samples(self, n: int | None = None, seed: int = 0, tokenizer: Any | None = None, target_tokens=None):
         records = self.tasks()
+        root = self._root()
+        template = load_user_prompt(root / "prompts.yaml")
+        count = token_counter(tokenizer)
+        prompts = {}  # built on demand: every page when a length limit must be checked
+        if self.max_prompt_tokens is not None:
+            prompts = {rec["task_id"]: self._prompt(rec, root, template) for rec in records}
+            records = [rec for rec in records if count(prompts[rec["task_id"]]) <= self.max_prompt_tokens]
         if n is not None:
             if not isinstance(n, int) or not 0 <= n <= len(records):
+                limit = (
+                    ""
+                    if self.max_prompt_tokens is None
+                    else f" with ≤ {self.max_prompt_tokens} prompt tokens"
+                )
                 raise KvdiagError(
-                    f"n must be between 0 and {len(records)} for subset {self.subset}, got {n!r}"
+                    f"n must be between 0 and {len(records)} for subset {self.subset}{limit}, got {n!r}"
                 )
             order = list(range(len(records)))  # a seeded order: n + 1 tasks are n's plus one more
             random.Random(f"html2tsv-{seed}").shuffle(order)
             keep = sorted(order[:n])
             records = [records[i] for i in keep]
-        root = self._root()
-        template = load_user_prompt(root / "prompts.yaml")
-        count = token_counter(tokenizer)
         out = []
         for rec in records:
-            page = root / rec["html_path"]
-            if not page.is_file():
-                raise KvdiagError(f"page {page} of task {rec['task_id']} is missing from the data directory")
-            prompt = template.format(
-                html_str=page.read_text(encoding="utf-8"),
-                task_topic=rec["task_topic"],
-                task_description=rec["task_description"],
-                filtering_instruction=rec["filtering_instruction"],
-                tsv_header=rec["tsv_header"],
-            )
+            prompt = prompts.get(rec["task_id"]) or self._prompt(rec, root, template)
             meta = {
                 "task_id": rec["task_id"],
                 "website_id": rec["website_id"],
@@ -172,6 +179,19 @@ class HtmlToTsv(Task):
             }
             out.append(Sample(rec["task_id"], [{"role": "user", "content": prompt}], rec["gt"], meta))
         return out
+
+    @staticmethod
+    def _prompt(rec: dict, root: Path, template: str) -> str:
+        page = root / rec["html_path"]
+        if not page.is_file():
+            raise KvdiagError(f"page {page} of task {rec['task_id']} is missing from the data directory")
+        return template.format(
+            html_str=page.read_text(encoding="utf-8"),
+            task_topic=rec["task_topic"],
+            task_description=rec["task_description"],
+            filtering_instruction=rec["filtering_instruction"],
+            tsv_header=rec["tsv_header"],
+        )
 
     def score(self, prediction: str, sample: Sample) -> float:
         return tsv_metrics(prediction, sample.gold)["f1"]
