@@ -293,7 +293,7 @@ class Method(ABC):
 
     def dense_view(self, built: Built) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) [H_kv, L, d] fp32 for every prompt token: `materialize` at all ids."""
-        return self.materialize(built, all_token_ids(built.n_kv_heads, built.n_tokens))
+        return self.materialize(built, all_token_ids(built.n_kv_heads, built.n_tokens, built.device))
 
     def knobs(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -59,6 +59,13 @@ class Built:
     def offloaded_bytes(self) -> int:
         return sum(stored_nbytes(x) for x in self.offloaded.values())
 
+    @property
+    def device(self) -> torch.device:
+        """Where the resident state lives (the GPU in a runtime): materialized rows end up there."""
+        for x in (*self.resident.values(), *self.offloaded.values()):
+            return x.codes.device if isinstance(x, QuantizedTensor) else x.device
+        return torch.device("cpu")
+
     def resident_breakdown(self) -> dict[str, int]:
         return {name: stored_nbytes(x) for name, x in self.resident.items()}
 
@@ -93,8 +100,8 @@ def fetch_rows(offloaded: dict[str, Stored], ids: torch.Tensor) -> dict[str, Sto
 
 def offloaded_rows(built: Built, name: str, ids: torch.Tensor, fetched: dict | None = None) -> torch.Tensor:
     """The offloaded payload `name` at token ids [H_kv, m], as stored then decoded: [H_kv, m, d]
-    float32 (-1 ids give zeros). From `fetched` (`fetch_rows` of these ids, what a runtime brought
-    from host memory) when given, else read from `built.offloaded`."""
+    float32 on the resident state's device (-1 ids give zeros). From `fetched` (`fetch_rows` of these
+    ids, what a runtime brought from host memory) when given, else read from `built.offloaded`."""
     if fetched is None:
         fetched = fetch_rows({name: built.offloaded[name]}, ids)
     rows = fetched[name]
@@ -106,7 +113,8 @@ def offloaded_rows(built: Built, name: str, ids: torch.Tensor, fetched: dict | N
         out = flat[torch.arange(h), :, torch.arange(h)]  # head j's part of head j's rows: [H_kv, m, d]
     else:
         out = rows.float()
-    return out.to(ids.device).masked_fill((ids < 0).to(ids.device)[:, :, None], 0)
+    device = built.device if built.resident else ids.device
+    return out.to(device).masked_fill((ids < 0).to(device)[:, :, None], 0)
 
 
 def stack_padded(tensors: list[torch.Tensor], value: float = 0) -> torch.Tensor:

@@ -187,13 +187,14 @@ def overlay_exact(keys, values, ids, exact_ids, exact_k, exact_v):
     matching rows of exact_k / exact_v [H, e, d] (tokens a method keeps exact on the GPU)."""
     if exact_ids.shape[1] == 0:
         return keys, values
-    exact_ids = exact_ids.to(ids.device).long()
+    values, ids, exact_ids = values.to(keys.device), ids.to(keys.device), exact_ids.to(keys.device).long()
     order = exact_ids.argsort(dim=1)
     sorted_ids = exact_ids.gather(1, order)
     pos = torch.searchsorted(sorted_ids, ids.long().contiguous()).clamp_max(sorted_ids.shape[1] - 1)
     hit = (sorted_ids.gather(1, pos) == ids) & (ids >= 0)
     src = order.gather(1, pos)[:, :, None].expand(-1, -1, keys.shape[-1])  # [H, m, d] row of exact_*
-    k_exact, v_exact = exact_k.float().gather(1, src), exact_v.float().gather(1, src)
+    k_exact = exact_k.to(keys.device).float().gather(1, src)
+    v_exact = exact_v.to(keys.device).float().gather(1, src)
     return torch.where(hit[:, :, None], k_exact, keys), torch.where(hit[:, :, None], v_exact, values)
 
 

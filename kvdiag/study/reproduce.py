@@ -216,7 +216,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     family = model_family(model)
     html_task = _html2tsv_task(config, data_dir)
     plans = [_adapt_plan(plan, html_task) for plan in config.tasks]
-    plans, skipped = fit_plans(model, plans, echo)
+    plans, skipped = fit_plans(model, plans, echo, data_dir)
     calibration = None if config.calibration is None else Calibration.from_dict(config.calibration)
     stage_names = [
         *(["calibrate"] if calibration else []),
@@ -402,7 +402,9 @@ def _silent(line: str) -> None:
     """The progress lines of ranks other than 0 (rank 0 prints them)."""
 
 
-def fit_plans(model: str, plans: list[TaskPlan], echo=print) -> tuple[list[TaskPlan], dict[str, str]]:
+def fit_plans(
+    model: str, plans: list[TaskPlan], echo=print, data_dir=None
+) -> tuple[list[TaskPlan], dict[str, str]]:
     """The plans whose samples this model can take, checked with its tokenizer before any stage runs.
 
     A task whose prompt without filler is longer than the plan's `target_tokens` in this tokenizer
@@ -419,7 +421,8 @@ def fit_plans(model: str, plans: list[TaskPlan], echo=print) -> tuple[list[TaskP
     context = _context_length(model)
     kept, skipped = [], {}
     for plan in plans:
-        task = get_task(plan.task, **plan.knobs)
+        data = {"data_dir": str(data_dir)} if data_dir is not None and _reads_data(plan.task) else {}
+        task = get_task(plan.task, **plan.knobs, **data)
         try:
             samples = task.samples(plan.n, seed=0, tokenizer=tokenizer, target_tokens=plan.target_tokens)
         except PromptTooLong as err:
