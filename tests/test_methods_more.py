@@ -377,3 +377,47 @@ def test_exact_keys_values_and_shapes(method):
     assert method.resident_bytes(index) > 0 and sel.fetched_bytes() > 0
     with pytest.raises(KvdiagError):
         method.select(index, torch.zeros(3, 4, 5), 12)
+
+
+def _lru_reference(cache: list[list[int]], capacity: int, steps: list[list[list[int]]]) -> tuple[list, list]:
+    """The GPU cache of fetched tokens as plain Python lists, step by step: per KV head, the chosen ids
+    (a group's union) that were cached move to the recent end in cache order, the fetched ones enter
+    in ascending order, the oldest leave beyond capacity. steps[s][kv] = chosen ids (-1 = none)."""
+    hits = []
+    for chosen_per_head in steps:
+        step_hits = []
+        for kv, chosen in enumerate(chosen_per_head):
+            step_hits.append([c >= 0 and c in cache[kv] for c in chosen])
+            picked = {c for c in chosen if c >= 0}
+            kept = [c for c in cache[kv] if c not in picked]
+            reused = [c for c in cache[kv] if c in picked]
+            new = sorted(picked - set(cache[kv]))
+            order = kept + reused + new
+            cache[kv] = order[max(0, len(order) - capacity) :] if capacity else []
+        hits.append(step_hits)
+    return cache, hits
+
+
+@pytest.mark.parametrize("group, capacity", [(1, 6), (3, 5), (2, 1), (1, 0)])
+def test_batched_lru_cache_update_matches_the_plain_list_walk(group, capacity):
+    from kvdiag.methods.selection import DecodeState, update_caches
+
+    gen = torch.Generator().manual_seed(group * 10 + capacity)
+    n_rows, steps, n_kv, k, length = 3, 7, 2, 3, 12
+    ids = torch.randint(-1, length, (n_rows, steps, n_kv * group, k), generator=gen)  # duplicates, -1 padding
+    states = [DecodeState(budget_tokens=k, cache_tokens=capacity if row != 1 else 0) for row in range(n_rows)]
+    states[2].cache = torch.tensor([[-1, 4, 7], [2, 9, 0]])  # carried over from earlier steps
+    hits = update_caches(states, ids, n_kv)
+    for row, state in enumerate(states):
+        start = [[4, 7], [2, 9, 0]] if row == 2 and state.cache_tokens else [[], []]
+        cap = state.cache_tokens
+        per_step = [[ids[row, s, kv * group : (kv + 1) * group].reshape(-1).tolist() for kv in range(n_kv)]
+                    for s in range(steps)]  # fmt: skip
+        cache, expected = _lru_reference([list(c) for c in start], cap, per_step)
+        got = [[hits[row, s, kv * group : (kv + 1) * group].reshape(-1).tolist() for kv in range(n_kv)]
+               for s in range(steps)]  # fmt: skip
+        assert got == expected, (row, got, expected)
+        if cap:
+            assert [[c for c in head if c >= 0] for head in state.cache.tolist()] == cache
+        else:
+            assert not hits[row].any()  # no cache: nothing is ever a hit

@@ -75,6 +75,7 @@ from kvdiag.methods.selection import (  # noqa: F401  (re-exported: the contract
     resolve_budget,
     topk_indices,
     update_cache,
+    update_caches,
 )
 
 BACKENDS = ("torch", "triton")
@@ -275,10 +276,7 @@ class Method(ABC):
             fetch_per_query_head=self.fetch_per_query_head,
         )
         if any(st.cache_tokens for st in states):
-            sel.cached = torch.zeros_like(ids, dtype=torch.bool)
-            for b, state in enumerate(states):
-                if state.cache_tokens:
-                    sel.cached[b] = update_cache(state, sel.row(b))
+            sel.cached = update_caches(states, ids, rows[0].n_kv_heads)
         return sel
 
     def entry_bytes(self, built: Built) -> float:

@@ -265,29 +265,55 @@ class BatchSelection:
 
 
 def update_cache(state: DecodeState, sel: Selection) -> torch.Tensor:
-    """Walk the n steps of `sel` in order through the per-KV-head LRU cache of recently fetched
-    tokens: [n, H_sel, k] bool, True where a chosen id was cached (read from the GPU, not fetched).
-    Fetched tokens enter the cache (most recent last); the oldest leave when it is full. A
-    per-query-head selection shares its KV head's cache."""
-    n, h_sel, _ = sel.ids.shape
-    group = h_sel // sel.n_kv_heads
-    if state.cache is None:
-        state.cache = torch.full((sel.n_kv_heads, 0), -1, dtype=torch.long, device=sel.ids.device)
-    hits = torch.zeros_like(sel.ids, dtype=torch.bool)
+    """One prompt's `update_caches`: [n, H_sel, k] bool hits of `sel`'s n steps."""
+    return update_caches([state], sel.ids[None], sel.n_kv_heads)[0]
+
+
+def update_caches(states: list[DecodeState], ids: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """Walk n decode steps of B prompts through their per-KV-head LRU caches of recently fetched
+    tokens; ids [B, n, H_sel, k] (-1 = none) are the chosen token ids. Returns [B, n, H_sel, k] bool,
+    True where a chosen id was cached (read from the GPU, not fetched). At each step a KV head's
+    chosen ids (a per-query-head selection: its group's union) that were cached move to the most
+    recent end in their cached order, then the fetched ones enter in ascending id order; the oldest
+    leave beyond `cache_tokens` (each row its own). Rows without a cache keep none and hit nothing.
+
+    Vectorised over rows and heads (one pass per step, no host synchronisation inside the loop): each
+    (row, KV head, token) carries its rank in the cache, oldest 0, -1 = not cached."""
+    b, n, h_sel, k = ids.shape
+    device = ids.device
+    group = h_sel // n_kv_heads
+    length = max([int(ids.max()) + 1 if ids.numel() else 1, *[int(st.cache.max()) + 1 for st in states
+                                                              if st.cache is not None and st.cache.numel()]])  # fmt: skip
+    capacity = torch.tensor([st.cache_tokens for st in states], device=device)[:, None, None]  # [B, 1, 1]
+    prio = torch.full((b, n_kv_heads, length + 1), -1, dtype=torch.long, device=device)  # column L: a sink
+    for row, st in enumerate(states):
+        if st.cache_tokens and st.cache is not None and st.cache.numel():
+            cache = st.cache.to(device)
+            order = torch.arange(cache.shape[1], device=device).expand_as(cache)
+            prio[row].scatter_(1, torch.where(cache >= 0, cache, length), order)
+    prio[..., length] = -1
+    big = length + 2  # above every rank
+    token = torch.arange(length + 1, device=device)
+    hits = torch.zeros_like(ids, dtype=torch.bool)
     for step in range(n):
-        rows = []
-        for kv in range(sel.n_kv_heads):
-            cache = state.cache[kv]
-            cache = cache[cache >= 0]
-            chosen = sel.ids[step, kv * group : (kv + 1) * group]  # [G', k]
-            hit = torch.isin(chosen, cache) & (chosen >= 0)
-            hits[step, kv * group : (kv + 1) * group] = hit
-            new = chosen[(~hit) & (chosen >= 0)].unique()
-            kept = cache[~torch.isin(cache, chosen)]  # refreshed ids move to the end
-            reused = cache[torch.isin(cache, chosen)]
-            rows.append(torch.cat([kept, reused, new])[-state.cache_tokens :])
-        width = max(r.numel() for r in rows)
-        state.cache = torch.stack(
-            [torch.nn.functional.pad(r, (width - r.numel(), 0), value=-1) for r in rows]
-        )
+        chosen = ids[:, step].reshape(b, n_kv_heads, group * k)  # [B, H_kv, G·k]
+        slot = torch.where(chosen >= 0, chosen, length)
+        hits[:, step] = ((prio.gather(2, slot) >= 0) & (chosen >= 0)).reshape(b, h_sel, k)
+        picked = torch.zeros_like(prio, dtype=torch.bool).scatter_(2, slot, True)
+        picked[..., length] = False
+        # kept ranks stay; reused move after every kept one (their order kept); new ones after those
+        score = torch.where(picked & (prio >= 0), prio + big, prio)
+        score = torch.where(picked & (prio < 0), 2 * big + token, score)
+        newest_first = score.argsort(dim=-1, descending=True)
+        place = torch.empty_like(newest_first).scatter_(-1, newest_first, token.expand_as(newest_first))
+        keep = (score >= 0) & (place < capacity)  # the `capacity` most recent
+        count = keep.sum(dim=-1, keepdim=True)
+        prio = torch.where(keep, count - 1 - place, -1)
+    for row, st in enumerate(states):
+        if st.cache_tokens:
+            counts = (prio[row] >= 0).sum(dim=-1)
+            width = int(counts.max())
+            oldest_first = prio[row].argsort(dim=-1)[:, prio.shape[-1] - width :]  # cached, oldest first
+            cached = torch.where(prio[row].gather(1, oldest_first) >= 0, oldest_first, -1)
+            st.cache = cached
     return hits
