@@ -400,17 +400,19 @@ def _lru_reference(cache: list[list[int]], capacity: int, steps: list[list[list[
 
 @pytest.mark.parametrize("group, capacity", [(1, 6), (3, 5), (2, 1), (1, 0)])
 def test_batched_lru_cache_update_matches_the_plain_list_walk(group, capacity):
-    from kvdiag.methods.selection import DecodeState, update_caches
+    from kvdiag.methods.selection import DecodeState, cached_ids, update_caches
 
     gen = torch.Generator().manual_seed(group * 10 + capacity)
     n_rows, steps, n_kv, k, length = 3, 7, 2, 3, 12
     ids = torch.randint(-1, length, (n_rows, steps, n_kv * group, k), generator=gen)  # duplicates, -1 padding
     states = [DecodeState(budget_tokens=k, cache_tokens=capacity if row != 1 else 0) for row in range(n_rows)]
-    states[2].cache = torch.tensor([[-1, 4, 7], [2, 9, 0]])  # carried over from earlier steps
-    hits = update_caches(states, ids, n_kv)
+    warm = torch.tensor([[4, 7, -1], [2, 9, 0]]).repeat_interleave(group, dim=0)  # [H_sel, k], one step
+    update_caches([states[2]], warm[None, None], n_kv, length)  # carried over from an earlier batch
+    hits = update_caches(states, ids, n_kv, length)
     for row, state in enumerate(states):
-        start = [[4, 7], [2, 9, 0]] if row == 2 and state.cache_tokens else [[], []]
         cap = state.cache_tokens
+        warm_steps = [[warm[kv * group : (kv + 1) * group].reshape(-1).tolist() for kv in range(n_kv)]]
+        start = _lru_reference([[], []], cap, warm_steps)[0] if row == 2 else [[], []]
         per_step = [[ids[row, s, kv * group : (kv + 1) * group].reshape(-1).tolist() for kv in range(n_kv)]
                     for s in range(steps)]  # fmt: skip
         cache, expected = _lru_reference([list(c) for c in start], cap, per_step)
@@ -418,6 +420,13 @@ def test_batched_lru_cache_update_matches_the_plain_list_walk(group, capacity):
                for s in range(steps)]  # fmt: skip
         assert got == expected, (row, got, expected)
         if cap:
-            assert [[c for c in head if c >= 0] for head in state.cache.tolist()] == cache
+            assert [[c for c in head if c >= 0] for head in cached_ids(state).tolist()] == cache
         else:
             assert not hits[row].any()  # no cache: nothing is ever a hit
+    # the same steps as two decode calls (the second finds the batch's shared ranks): the same hits
+    again = [DecodeState(budget_tokens=k, cache_tokens=st.cache_tokens) for st in states]
+    update_caches([again[2]], warm[None, None], n_kv, length)
+    split = torch.cat(
+        [update_caches(again, ids[:, :3], n_kv, length), update_caches(again, ids[:, 3:], n_kv, length)], 1
+    )
+    assert torch.equal(split, hits) and again[0].cache is again[2].cache

@@ -276,7 +276,7 @@ class Method(ABC):
             fetch_per_query_head=self.fetch_per_query_head,
         )
         if any(st.cache_tokens for st in states):
-            sel.cached = update_caches(states, ids, rows[0].n_kv_heads)
+            sel.cached = update_caches(states, ids, rows[0].n_kv_heads, [r.n_tokens for r in rows])
         return sel
 
     def entry_bytes(self, built: Built) -> float:

@@ -115,14 +115,15 @@ class DecodeState:
                    in `resident_bytes`
     cache_tokens:  capacity of the GPU cache of recently fetched tokens, per KV head (0 = none); a
                    chosen token found there is attended without a fetch
-    cache:         [H_kv, cache_tokens] long, the cached token ids (most recent last), -1 = empty
+    cache:         the GPU cache's ranks (`LruRanks`, shared by a batch's rows; `cached_ids` lists
+                   a row's cached token ids), None before the first step
     extra:         method-specific bookkeeping
     """
 
     budget_tokens: int
     resident: dict[str, Stored] = field(default_factory=dict)
     cache_tokens: int = 0
-    cache: torch.Tensor | None = None
+    cache: Any = None  # LruRanks
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -266,32 +267,58 @@ class BatchSelection:
 
 def update_cache(state: DecodeState, sel: Selection) -> torch.Tensor:
     """One prompt's `update_caches`: [n, H_sel, k] bool hits of `sel`'s n steps."""
-    return update_caches([state], sel.ids[None], sel.n_kv_heads)[0]
+    return update_caches([state], sel.ids[None], sel.n_kv_heads, sel.n_tokens)[0]
 
 
-def update_caches(states: list[DecodeState], ids: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+@dataclass
+class LruRanks:
+    """The GPU caches of a batch of prompts: rank [B, H_kv, L + 1] long, each token's place in its
+    (row, KV head) cache, oldest 0, -1 = not cached (column L: a sink for padding ids). Shared by the
+    rows' DecodeStates (`state.cache`, `state.extra["cache_row"]`), so a batched decode step updates
+    it with no per-row work."""
+
+    rank: torch.Tensor
+
+
+def cached_ids(state: DecodeState) -> torch.Tensor:
+    """[H_kv, C] the token ids in a state's GPU cache, oldest first (-1 pads heads holding fewer)."""
+    if state.cache is None:
+        return torch.empty(0, 0, dtype=torch.long)
+    rank = state.cache.rank[state.extra["cache_row"]]
+    width = int((rank >= 0).sum(dim=-1).max())
+    oldest_first = rank.argsort(dim=-1)[:, rank.shape[-1] - width :]
+    return torch.where(rank.gather(1, oldest_first) >= 0, oldest_first, -1)
+
+
+def update_caches(states: list[DecodeState], ids: torch.Tensor, n_kv_heads: int, n_tokens) -> torch.Tensor:
     """Walk n decode steps of B prompts through their per-KV-head LRU caches of recently fetched
-    tokens; ids [B, n, H_sel, k] (-1 = none) are the chosen token ids. Returns [B, n, H_sel, k] bool,
-    True where a chosen id was cached (read from the GPU, not fetched). At each step a KV head's
-    chosen ids (a per-query-head selection: its group's union) that were cached move to the most
-    recent end in their cached order, then the fetched ones enter in ascending id order; the oldest
-    leave beyond `cache_tokens` (each row its own). Rows without a cache keep none and hit nothing.
+    tokens; ids [B, n, H_sel, k] (-1 = none) are the chosen token ids, n_tokens the prompts' lengths
+    (an int or one per row). Returns [B, n, H_sel, k] bool, True where a chosen id was cached (read
+    from the GPU, not fetched). At each step a KV head's chosen ids (a per-query-head selection: its
+    group's union) that were cached move to the most recent end in their cached order, then the
+    fetched ones enter in ascending id order; the oldest leave beyond `cache_tokens` (each row its
+    own). Rows without a cache keep none and hit nothing.
 
-    Vectorised over rows and heads (one pass per step, no host synchronisation inside the loop): each
-    (row, KV head, token) carries its rank in the cache, oldest 0, -1 = not cached."""
+    Vectorised over rows and heads (`LruRanks`; one pass per step, no host synchronisation)."""
     b, n, h_sel, k = ids.shape
     device = ids.device
     group = h_sel // n_kv_heads
-    length = max([int(ids.max()) + 1 if ids.numel() else 1, *[int(st.cache.max()) + 1 for st in states
-                                                              if st.cache is not None and st.cache.numel()]])  # fmt: skip
+    length = max(n_tokens) if isinstance(n_tokens, (list, tuple)) else int(n_tokens)
     capacity = torch.tensor([st.cache_tokens for st in states], device=device)[:, None, None]  # [B, 1, 1]
-    prio = torch.full((b, n_kv_heads, length + 1), -1, dtype=torch.long, device=device)  # column L: a sink
-    for row, st in enumerate(states):
-        if st.cache_tokens and st.cache is not None and st.cache.numel():
-            cache = st.cache.to(device)
-            order = torch.arange(cache.shape[1], device=device).expand_as(cache)
-            prio[row].scatter_(1, torch.where(cache >= 0, cache, length), order)
-    prio[..., length] = -1
+    shared = states[0].cache
+    if (
+        shared is not None
+        and shared.rank.shape == (b, n_kv_heads, length + 1)
+        and all(st.cache is shared and st.extra.get("cache_row") == row for row, st in enumerate(states))
+    ):
+        prio = shared.rank.to(device)
+    else:  # a new batch, or rows from different batches: gather each row's ranks
+        prio = torch.full((b, n_kv_heads, length + 1), -1, dtype=torch.long, device=device)
+        for row, st in enumerate(states):
+            if st.cache_tokens and st.cache is not None:
+                old = st.cache.rank[st.extra["cache_row"]].to(device)
+                width = min(old.shape[-1] - 1, length)
+                prio[row, :, :width] = old[:, :width]
     big = length + 2  # above every rank
     token = torch.arange(length + 1, device=device)
     hits = torch.zeros_like(ids, dtype=torch.bool)
@@ -309,11 +336,8 @@ def update_caches(states: list[DecodeState], ids: torch.Tensor, n_kv_heads: int)
         keep = (score >= 0) & (place < capacity)  # the `capacity` most recent
         count = keep.sum(dim=-1, keepdim=True)
         prio = torch.where(keep, count - 1 - place, -1)
+    ranks = LruRanks(prio)
     for row, st in enumerate(states):
         if st.cache_tokens:
-            counts = (prio[row] >= 0).sum(dim=-1)
-            width = int(counts.max())
-            oldest_first = prio[row].argsort(dim=-1)[:, prio.shape[-1] - width :]  # cached, oldest first
-            cached = torch.where(prio[row].gather(1, oldest_first) >= 0, oldest_first, -1)
-            st.cache = cached
+            st.cache, st.extra["cache_row"] = ranks, row
     return hits

@@ -104,7 +104,7 @@ def gpu_config() -> ReproduceConfig:
     - answer caps ~1.1-2× the longest gold answer (Text2JSON's per candidate);
     - the study's configurations at the study's budgets, ShadowKV's outlier chunks at the study's share
       of the prompt, teacher-forced fidelity on every cell, recall on every layer of an 8K prompt;
-    - 25 samples decoded together; under torchrun the ranks share out method configurations
+    - up to 50 samples decoded together; under torchrun the ranks share out method configurations
       (`shard_by="methods"`): the 0.5B model's eager decode is bound by the host, so three ranks on the
       one GPU (`torchrun --nproc-per-node 3`) decode about three times the steps per second."""
     text2json_candidates = [
@@ -120,7 +120,7 @@ def gpu_config() -> ReproduceConfig:
             TaskPlan("html2tsv", 20, 16384, 800, {"max_prompt_tokens": 12288}),
         ],
         analysis_tokens=8192, recall_layer_stride=1, recall_queries=64, scale_outliers=True,
-        fidelity=True, html2tsv_real=True, name="gpu", batch_size=25, shard_by="methods",
+        fidelity=True, html2tsv_real=True, name="gpu", batch_size=50, shard_by="methods",
         calibration={"task": "text2json", "n": 8, "seed": 1000, "min_score": 50.0,
                      "candidates": text2json_candidates},
     )  # fmt: skip
