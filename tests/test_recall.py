@@ -11,6 +11,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -362,3 +363,20 @@ def test_a_gpu_cache_of_fetched_tokens_saves_what_earlier_steps_fetched():
                     assert got_warm.reuse_prev == pytest.approx(len(chosen & previous[h]) / len(chosen))
                 seen[h] |= chosen
                 previous[h] = chosen
+
+
+def test_methods_attending_far_beyond_their_budget_are_named_once_per_budget(caplog):
+    from kvdiag.analysis.recall import warn_over_budget
+
+    table = pd.DataFrame(
+        {
+            "method": ["shadowkv"] * 4 + ["oracle"] * 2,
+            "budget": [0.03125, 0.03125, 0.0625, 0.0625, 0.03125, 0.03125],
+            "budget_tokens": [30, 40, 60, 80, 30, 40],
+            "attended_tokens": [90, 100, 100, 120, 30, 40],
+        }
+    )  # fmt: skip  (two prompt lengths per budget)
+    with caplog.at_level("WARNING"):
+        lines = warn_over_budget(table)
+    assert lines == ["shadowkv at 35 tokens attends 95 tokens on average (> 2×)"]  # 110 < 2 × 70 at 6.25 %
+    assert len(caplog.records) == 1 and "always-kept tokens dominate" in caplog.records[0].getMessage()

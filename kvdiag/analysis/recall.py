@@ -331,13 +331,17 @@ def recall_table(trace, methods: Sequence[Method | str], budgets, layers=None, q
 def warn_over_budget(table: pd.DataFrame, factor: float = 2.0, column: str = "attended_tokens") -> list[str]:
     """Log (and return) the method × budget cells that attend more than `factor` × their budget: their
     always-kept tokens (local windows, outliers, sinks) dominate, so compare them with the oracle at
-    the same attended tokens (err_oracle, recall_gqa here) or plot against attended tokens / bytes."""
-    means = table.groupby(["method", "budget_tokens"], sort=False)[column].mean()
+    the same attended tokens (err_oracle, recall_gqa here) or plot against attended tokens / bytes.
+    One line per method and budget as given (prompts of different lengths have different token
+    budgets; the line gives the means)."""
+    keys = ["method", "budget"] if "budget" in table.columns else ["method", "budget_tokens"]
+    means = table.groupby(keys, sort=False)[[column, "budget_tokens"]].mean()
     lines = []
-    for (method, budget), attended in means.items():
+    for (method, _), row in means.iterrows():
+        attended, budget = row[column], row["budget_tokens"]
         if attended > factor * budget:
             lines.append(
-                f"{method} at {budget} tokens attends {attended:.0f} tokens on average (> {factor:g}×)"
+                f"{method} at {budget:.0f} tokens attends {attended:.0f} tokens on average (> {factor:g}×)"
             )
             log.warning("%s: its always-kept tokens dominate the budget", lines[-1])
     return lines
