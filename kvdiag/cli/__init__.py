@@ -98,7 +98,10 @@ def _rank_tag() -> str:
 
 
 def _register() -> None:
-    """Every module `kvdiag/cli/*_cmd.py` defines `register(app)`: a new file is a new subcommand."""
+    """Every module `kvdiag/cli/*_cmd.py` defines `register(app)`: a new file is a new subcommand.
+    Idempotent: a second call (tests, embedding applications) registers nothing twice."""
+    if app.registered_commands or app.registered_groups:
+        return
     import importlib
     import pkgutil
 

@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvdiag.errors import KvdiagError, unknown_name_error
+from kvdiag.errors import KvdiagError
 from kvdiag.study.calibrate import Calibration
 from kvdiag.study.configs import (  # noqa: F401  (re-exported: reproduce's public names)
     CONFIGS,
@@ -83,48 +83,19 @@ from kvdiag.study.configs import (  # noqa: F401  (re-exported: reproduce's publ
     study_methods,
     unique_methods,
 )
+from kvdiag.study.plans import (  # noqa: F401  (fit_plans and select_stages: part of reproduce's API)
+    adapt_plan,
+    analysis_prompt,
+    fit_plans,
+    html2tsv_task,
+    model_layers,
+    reads_data,
+    select_stages,
+)
 
 log = logging.getLogger(__name__)
 
 # --- the pipeline -----------------------------------------------------------------------------------
-
-
-def _html2tsv_task(config: ReproduceConfig, data_dir) -> str:
-    from kvdiag.tasks import get_task
-
-    if (
-        config.html2tsv_real
-        and get_task("html2tsv", data_dir=None if data_dir is None else str(data_dir)).data_available()
-    ):
-        return "html2tsv"
-    return "html2tsv_synthetic"
-
-
-def _adapt_plan(plan: TaskPlan, html_task: str) -> TaskPlan:
-    """The html2tsv plan runs as `html_task` (real or synthetic) with that task's knobs only."""
-    if plan.task != "html2tsv":
-        return plan
-    from kvdiag.tasks import TASKS
-
-    own = TASKS[html_task].knobs()
-    return dataclasses.replace(plan, task=html_task, knobs={k: v for k, v in plan.knobs.items() if k in own})
-
-
-def select_stages(stage_names: list[str], wanted) -> set[str]:
-    """The stages to run: all (None), or those named in `wanted` ("spectrum", "recall", a task name such
-    as "text2json" or "eval_text2json"; "html2tsv" is the HTML→TSV stage, real or synthetic)."""
-    if wanted is None:
-        return set(stage_names)
-    chosen = set()
-    for item in wanted:
-        name = item.strip().removeprefix("eval_")
-        if name in HTML_TASKS:
-            name = "html2tsv"
-        found = [s for s in stage_names if s.removeprefix("eval_").replace("_synthetic", "") == name]
-        if not found:
-            raise unknown_name_error("stage", item.strip(), [s.removeprefix("eval_") for s in stage_names])
-        chosen.update(found)
-    return chosen
 
 
 def _comparable(top: dict) -> dict:
@@ -214,8 +185,8 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
         return {**result, "out": out, "report": report}
     _context_length(model)  # an unknown model name fails here, with did-you-mean help
     family = model_family(model)
-    html_task = _html2tsv_task(config, data_dir)
-    plans = [_adapt_plan(plan, html_task) for plan in config.tasks]
+    html_task = html2tsv_task(config, data_dir)
+    plans = [adapt_plan(plan, html_task) for plan in config.tasks]
     plans, skipped = fit_plans(model, plans, echo, data_dir)
     calibration = None if config.calibration is None else Calibration.from_dict(config.calibration)
     stage_names = [
@@ -304,7 +275,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
                       **dataclasses.asdict(calibration)}  # fmt: skip
         stage("calibrate", cal_config, "calibration.json", lambda: run_calibration(
             model, calibration, cal_plan.target_tokens, out / "calibrate", device=device,
-            data_dir=data_dir if _reads_data(calibration.task) else None, progress=progress), every_rank=True,
+            data_dir=data_dir if reads_data(calibration.task) else None, progress=progress), every_rank=True,
             plot=False)  # fmt: skip
         done = records.get("calibrate", {})
         if done.get("status") == "complete" and done.get("config") == cal_config:
@@ -313,7 +284,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
 
     @functools.cache
     def text() -> str:  # built only when spectrum or recall runs
-        return _analysis_prompt(model, config.analysis_tokens, config.analysis_knobs)
+        return analysis_prompt(model, config.analysis_tokens, config.analysis_knobs)
 
     analysis = {"model": model, "device": device, "max_tokens": config.analysis_tokens,
                 "prompt": "text2json sample 0 (seed 0)", "knobs": config.analysis_knobs}  # fmt: skip
@@ -326,7 +297,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
 
     from kvdiag.analysis.recall import run_recall
 
-    n_layers = _n_layers(model)
+    n_layers = model_layers(model)
     stride = config.recall_layer_stride
     layers = "all" if stride <= 1 else list(range(stride // 2, n_layers, stride))
     recall_methods = unique_methods(
@@ -359,7 +330,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
         stage(f"eval_{plan.task}", eval_config, "results.parquet", lambda plan=plan, studied=studied: run_eval(
             model, plan.task, out / f"eval_{plan.task}", methods=[(s.method, s.budget) for s in studied],
             budgets=[], task_knobs=plan.knobs, n=plan.n, target_tokens=plan.target_tokens,
-            max_new_tokens=plan.max_new_tokens, data_dir=data_dir if _reads_data(plan.task) else None,
+            max_new_tokens=plan.max_new_tokens, data_dir=data_dir if reads_data(plan.task) else None,
             device=device, fidelity=config.fidelity, progress=progress, deadline=deadline,
             batch_size=config.batch_size, idle_ranks_ok=True, shard_by=config.shard_by)["complete"],
             every_rank=True)  # fmt: skip
@@ -400,74 +371,6 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
 
 def _silent(line: str) -> None:
     """The progress lines of ranks other than 0 (rank 0 prints them)."""
-
-
-def fit_plans(
-    model: str, plans: list[TaskPlan], echo=print, data_dir=None
-) -> tuple[list[TaskPlan], dict[str, str]]:
-    """The plans whose samples this model can take, checked with its tokenizer before any stage runs.
-
-    A task whose prompt without filler is longer than the plan's `target_tokens` in this tokenizer
-    (the tiny models count bytes) gets that shortest prompt as its target, when it fits the context
-    with the plan's new tokens; otherwise it is skipped. Both are said through `echo` and the skipped
-    ones returned as {task: reason} (they go into the manifest and the report)."""
-    from kvdiag.eval.harness import _context_length, encode
-    from kvdiag.models import load_tokenizer
-    from kvdiag.tasks import get_task
-    from kvdiag.tasks.base import PromptTooLong
-
-    tokenizer = load_tokenizer(model)
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    context = _context_length(model)
-    kept, skipped = [], {}
-    for plan in plans:
-        data = {"data_dir": str(data_dir)} if data_dir is not None and _reads_data(plan.task) else {}
-        task = get_task(plan.task, **plan.knobs, **data)
-        try:
-            samples = task.samples(plan.n, seed=0, tokenizer=tokenizer, target_tokens=plan.target_tokens)
-        except PromptTooLong as err:
-            echo(f"{plan.task}: its shortest prompt has {err.min_tokens} tokens in {model}'s tokenizer, more than "
-                 f"the planned {plan.target_tokens}: using {err.min_tokens}")  # fmt: skip
-            plan = dataclasses.replace(plan, target_tokens=err.min_tokens)
-            samples = task.samples(plan.n, seed=0, tokenizer=tokenizer, target_tokens=plan.target_tokens)
-        longest = max(encode(tokenizer, s, chat).shape[1] for s in samples)
-        if context is not None and longest + plan.max_new_tokens > context:
-            reason = (f"{longest} prompt tokens + {plan.max_new_tokens} new tokens exceed {model}'s context of "
-                      f"{context}")  # fmt: skip
-            echo(f"{plan.task}: skipped, {reason}")
-            skipped[plan.task] = reason
-            continue
-        kept.append(plan)
-    return kept, skipped
-
-
-def _reads_data(task: str) -> bool:
-    from kvdiag.tasks import TASKS
-
-    return "data_dir" in TASKS[task].knobs()
-
-
-def _n_layers(model: str) -> int:
-    from kvdiag.models import describe_model, known_models
-
-    if model in known_models():
-        return int(describe_model(model)["layers"])
-    from transformers import AutoConfig
-
-    from kvdiag.models.adapter import config_shapes
-
-    return int(config_shapes(AutoConfig.from_pretrained(model))["layers"])
-
-
-def _analysis_prompt(model: str, tokens: int, knobs: dict) -> str:
-    """The raw text of Text2JSON sample 0 (seed 0) at about `tokens` tokens."""
-    from kvdiag.models import load_tokenizer
-    from kvdiag.tasks import get_task
-
-    sample = get_task("text2json", **knobs).samples(
-        1, seed=0, tokenizer=load_tokenizer(model), target_tokens=tokens
-    )[0]
-    return sample.prompt_text
 
 
 def main(argv: list[str] | None = None) -> int:
