@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import kvdiag.cli
@@ -22,7 +21,6 @@ from kvdiag.study.configs import config_from_dict, gpu_config
 if not kvdiag.cli.app.registered_commands:
     kvdiag.cli._register()
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 CANDIDATES = [
     {"knobs": {"n_entities": 2, "n_distractors": 1}, "max_new_tokens": 16},
     {"knobs": {"n_entities": 4, "n_distractors": 2}, "max_new_tokens": 24},
@@ -30,12 +28,7 @@ CANDIDATES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_results(out: Path, exact_scores: list[list[float]]) -> None:
@@ -97,7 +90,7 @@ def test_configuration_checks_the_calibration():
     cal = {"task": "needle", "n": 2, "seed": 3, "min_score": 50.0, "candidates": CANDIDATES}
     with pytest.raises(KvdiagError, match="unknown knob of task 'needle'"):
         config_from_dict({**base, "calibration": cal})
-    with pytest.raises(KvdiagError, match="shard_by must be samples or methods"):
+    with pytest.raises(KvdiagError, match="shard_by 'layers' is unknown; use one of samples, methods"):
         config_from_dict({**base, "shard_by": "layers"})
 
 
@@ -164,15 +157,14 @@ def test_text2json_waits_for_the_calibration_then_runs_with_its_choice(tmp_path)
     assert "Calibration of text2json" in report and "**chosen**" in report
 
 
-@pytest.mark.skipif(not (DATA_DIR / "longproc_html_to_tsv").is_dir(), reason="LongProc data not found")
-def test_html2tsv_keeps_pages_within_the_prompt_limit_and_stays_nested():
+def test_html2tsv_keeps_pages_within_the_prompt_limit_and_stays_nested(shared_data):
     from kvdiag.tasks import get_task
     from kvdiag.tasks.base import token_counter
 
-    every = get_task("html2tsv", data_dir=str(DATA_DIR)).samples()
+    every = get_task("html2tsv", data_dir=str(shared_data)).samples()
     lengths = {s.id: token_counter(None)(s.prompt_text) for s in every}
     limit = sorted(lengths.values())[40]  # 41 pages fit
-    task = get_task("html2tsv", data_dir=str(DATA_DIR), max_prompt_tokens=limit)
+    task = get_task("html2tsv", data_dir=str(shared_data), max_prompt_tokens=limit)
     fitting = task.samples()
     assert {s.id for s in fitting} == {i for i, n in lengths.items() if n <= limit} and len(fitting) == 41
     ten, eleven = task.samples(10, seed=3), task.samples(11, seed=3)

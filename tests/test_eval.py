@@ -33,14 +33,7 @@ COLUMNS = [
 KV_BYTES = 2 * 2 * 16 * 4  # K and V, 2 KV heads, d = 16, fp32 as the tiny model computes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads can be 40x
-    slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lines(path) -> list[dict]:

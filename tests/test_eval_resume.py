@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 import kvdiag.eval.harness as harness
 from kvdiag.errors import KvdiagError
@@ -26,12 +25,7 @@ TINY = dict(model="tiny-llama", task="needle", target_tokens=600, max_new_tokens
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cells(out) -> dict:

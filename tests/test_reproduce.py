@@ -21,14 +21,6 @@ if not kvdiag.cli.app.registered_commands:
 # --- a whole run on tiny-llama ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config():
     from kvdiag.study.reproduce import ReproduceConfig, TaskPlan
 

@@ -175,6 +175,12 @@ def shard_samples(sample_ids: list[str], r: Ranks, idle_ok: bool = False) -> lis
 SHARD_BY = ("samples", "methods")
 
 
+def check_shard_by(by: str, what: str = "--shard-by") -> None:
+    """How ranks share cells: one of SHARD_BY (an error naming `what` otherwise)."""
+    if by not in SHARD_BY:
+        raise KvdiagError(f"{what} {by!r} is unknown; use one of {', '.join(SHARD_BY)}")
+
+
 def shard_cells(cells: list, r: Ranks, by: str = "samples", idle_ok: bool = False) -> list:
     """This rank's pending cells (objects with .sample.id, .label and .budget), in their order.
 
@@ -183,8 +189,7 @@ def shard_cells(cells: list, r: Ranks, by: str = "samples", idle_ok: bool = Fals
     every sample itself (the exact prefill repeats on every rank, which costs little on a GPU), but
     its decode steps are only its configurations', so ranks that share a host-bound GPU split the
     steps instead of each decoding every configuration (`gpu_of`). The run directory is the same."""
-    if by not in SHARD_BY:
-        raise KvdiagError(f"shard_by {by!r} is unknown; use one of {', '.join(SHARD_BY)}")
+    check_shard_by(by, "shard_by")
     if by == "samples":
         mine = set(shard_samples(list(dict.fromkeys(c.sample.id for c in cells)), r, idle_ok))
         return [c for c in cells if c.sample.id in mine]

@@ -217,7 +217,15 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     call = dict(locals())
     from tqdm.auto import tqdm
 
-    from kvdiag.eval.distributed import SHARD_BY, barrier, from_main, gather, rank_device, ranks, shard_cells
+    from kvdiag.eval.distributed import (
+        barrier,
+        check_shard_by,
+        from_main,
+        gather,
+        rank_device,
+        ranks,
+        shard_cells,
+    )
     from kvdiag.models import load_model, load_tokenizer, resolve_device
     from kvdiag.runs import claim_run_dir, replaces_run, replacing_run_dir, write_manifest, write_table
     from kvdiag.tasks import get_task
@@ -241,8 +249,7 @@ def run_eval(model: str, task: str, out, methods: Sequence[Method | str | tuple]
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise KvdiagError(f"{name} must be an integer ≥ 1, got {value!r}")
-    if shard_by not in SHARD_BY:
-        raise KvdiagError(f"--shard-by {shard_by!r} is unknown; use one of {', '.join(SHARD_BY)}")
+    check_shard_by(shard_by)
     device = resolve_device(device)
     me = ranks(device)  # under torchrun: the process group (see kvdiag.eval.distributed)
     run_device = rank_device(device, me)

@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvdiag.errors import KvdiagError
+from kvdiag.study.configs import _positive_int
 
 RESULT = "calibration.json"
 
@@ -51,9 +52,7 @@ class Calibration:
                 raise KvdiagError(
                     f"calibration candidate {i} must be {{knobs: {{...}}, max_new_tokens: N}}, got {cand!r}"
                 )
-            if isinstance(cand["max_new_tokens"], bool) or not isinstance(cand["max_new_tokens"], int) \
-                    or cand["max_new_tokens"] < 1:  # fmt: skip
-                raise KvdiagError(f"calibration candidate {i}: max_new_tokens must be an integer ≥ 1")
+            _positive_int(cand["max_new_tokens"], f"calibration candidate {i}: max_new_tokens")
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "the calibration") -> Calibration:

@@ -209,8 +209,9 @@ def config_from_dict(data: dict, where: str = "the configuration") -> ReproduceC
             raise KvdiagError(f"{where}: the calibrated task {cal.task} is not among the tasks")
         for i, cand in enumerate(cal.candidates):
             _plan_knobs_valid(cal.task, cand["knobs"], f"{where}: calibration candidate {i}")
-    if values.get("shard_by", "samples") not in ("samples", "methods"):
-        raise KvdiagError(f"{where}: shard_by must be samples or methods, got {values['shard_by']!r}")
+    from kvdiag.eval.distributed import check_shard_by
+
+    check_shard_by(values.get("shard_by", "samples"), f"{where}: shard_by")
     for key in ("analysis_tokens", "recall_layer_stride", "recall_queries"):
         if key in values:
             _positive_int(values[key], f"{where}: {key}")

@@ -148,10 +148,11 @@ class HtmlToTsv(Task):
         root = self._root()
         template = load_user_prompt(root / "prompts.yaml")
         count = token_counter(tokenizer)
-        prompts = {}  # built on demand: every page when a length limit must be checked
+        prompts, lengths = {}, {}  # built on demand: every page when a length limit must be checked
         if self.max_prompt_tokens is not None:
             prompts = {rec["task_id"]: self._prompt(rec, root, template) for rec in records}
-            records = [rec for rec in records if count(prompts[rec["task_id"]]) <= self.max_prompt_tokens]
+            lengths = {task_id: count(prompt) for task_id, prompt in prompts.items()}
+            records = [rec for rec in records if lengths[rec["task_id"]] <= self.max_prompt_tokens]
         if n is not None:
             if not isinstance(n, int) or not 0 <= n <= len(records):
                 limit = (
@@ -174,7 +175,7 @@ class HtmlToTsv(Task):
                 "website_id": rec["website_id"],
                 "subset": self.subset,
                 "n_facts": len(rec["gt"].strip().split("\n")) - 1,
-                "tokens": count(prompt),
+                "tokens": lengths[rec["task_id"]] if rec["task_id"] in lengths else count(prompt),
                 "token_counter": counter_name(tokenizer),
             }
             out.append(Sample(rec["task_id"], [{"role": "user", "content": prompt}], rec["gt"], meta))
