@@ -22,8 +22,8 @@ host) and shared by the B rows. Rows of `bench.parquet`:
 Methods: `yakv` = YAKV's runtime variant (`rule=mean_query`, fp8 K/V, 2-bit HIGGS landmarks, budget
 3.125 % of L); `shadowkv` = ShadowKV (rank 160, chunk 8, 48 outlier chunks, budget 1.5625 %).
 Times: median and 20/80 % quantiles of graph replays (`kvdiag.bench.attend_kernels.time_graph`);
-eager rows via `triton.testing.do_bench`. The end-to-end decode of a whole model is not in this
-module (see kvdiag/bench/NOTES.md).
+eager rows via `triton.testing.do_bench`. The end-to-end decode of a whole model, in the same run:
+`kvdiag.bench.decode_e2e`.
 """
 
 from __future__ import annotations
@@ -207,9 +207,12 @@ def _eager(device: str, smoke: bool = False):
 
 
 def run_bench(out, lengths=(32768, 131072), batches=(1, 8), methods=("yakv", "shadowkv"), smoke: bool = False,
-              progress: bool = True, overwrite: bool = False) -> dict:  # fmt: skip
-    """The `kvdiag bench` pipeline: ceilings, every case, bench.parquet, manifest (figures:
-    `kvdiag.plots.plot_run(out)`). An `out` holding a run is refused unless `overwrite`."""
+              progress: bool = True, overwrite: bool = False, step: bool = True, e2e: bool = True,
+              e2e_steps: int = 16, max_batch_cap: int = 64) -> dict:  # fmt: skip
+    """The `kvdiag bench` pipeline: ceilings, every step case (step=True), then (e2e=True) the end-to-end decode
+    of a whole random-weight model (`kvdiag.bench.decode_e2e`: full attention and each method at every
+    length × batch, the largest batch at the longest length), bench.parquet, manifest (figures:
+    `kvdiag.plots.bench.plot_bench_run(out)`). An `out` holding a run is refused unless `overwrite`."""
     import pandas as pd
     import torch
     from tqdm.auto import tqdm
@@ -225,6 +228,8 @@ def run_bench(out, lengths=(32768, 131072), batches=(1, 8), methods=("yakv", "sh
     unknown = [m for m in methods if m not in SPECS]
     if unknown:
         raise KvdiagError(f"bench methods {unknown} are not covered; choose from {', '.join(SPECS)}")
+    if not (step or e2e):
+        raise KvdiagError("kvdiag bench: nothing to run (neither the step cases nor the end-to-end decode)")
     shape = SMOKE if smoke else Shape()
     lengths = [256, 512] if smoke else list(lengths)
     batches = [1, 2] if smoke else list(batches)
@@ -236,7 +241,7 @@ def run_bench(out, lengths=(32768, 131072), batches=(1, 8), methods=("yakv", "sh
         timer = _graph_timer(device, smoke)
         rows = [{"kind": f"ceiling_{k}", "value": v} for k, v in ceilings.items()]
         print("ceilings", ceilings, flush=True)
-        cases = [(m, L, B) for m in methods for L in lengths for B in batches]
+        cases = [(m, L, B) for m in methods for L in lengths for B in batches] if step else []
         for name, length, batch in tqdm(cases, desc="bench", disable=not progress):
             case_rows = step_case(name, length, batch, shape, device, ceilings, timer)
             rows += case_rows
@@ -250,12 +255,20 @@ def run_bench(out, lengths=(32768, 131072), batches=(1, 8), methods=("yakv", "sh
             )
             if device == "cuda":
                 torch.cuda.empty_cache()
+        if e2e:
+            from kvdiag.bench.decode_e2e import run_e2e
+
+            rows += run_e2e(lengths[:1] if smoke else lengths, batches, engines=("full", *methods), smoke=smoke,
+                            steps=3 if smoke else e2e_steps, hbm_GBps=ceilings["hbm_GBps"],
+                            max_batch_cap=max_batch_cap, progress=progress)  # fmt: skip
         table = pd.DataFrame(rows)
         for column in ("L", "B", "budget_tokens"):
-            table[column] = table[column].astype("Int64")
+            if column in table:
+                table[column] = table[column].astype("Int64")
         write_table(table, stage / "bench.parquet")
         config = {"lengths": lengths, "batches": batches, "methods": list(methods), "smoke": smoke,
-                  "shape": shape.__dict__, "device": device}  # fmt: skip
+                  "shape": shape.__dict__, "device": device, "step": step, "e2e": e2e, "e2e_steps": e2e_steps,
+                  "max_batch_cap": max_batch_cap}  # fmt: skip
         write_manifest(
             stage, "bench", config, {"ceilings": ceilings, "seconds": round(time.perf_counter() - start, 1)}
         )
@@ -263,7 +276,10 @@ def run_bench(out, lengths=(32768, 131072), batches=(1, 8), methods=("yakv", "sh
 
 
 def summary(table) -> list[str]:
-    """One line per case: step vs floor, vs full attention and vs the PyTorch path."""
+    """One line per case: step vs floor, vs full attention and vs the PyTorch path; then the
+    end-to-end lines (`kvdiag.bench.decode_e2e.summary`)."""
+    from kvdiag.bench import decode_e2e
+
     lines = []
     cases = table[table.kind == "step"]
     for row in cases.itertuples():
@@ -274,4 +290,4 @@ def summary(table) -> list[str]:
             f"{row.method:9s} L={int(row.L):>7d} B={int(row.B):<3d} step {row.median_us:9.1f} µs = {row.median_us / floor:5.2f}× floor "
             f"({floor:.1f}); full attention {sdpa:9.1f} µs; PyTorch path {torch_path:10.1f} µs"
         )
-    return lines
+    return lines + decode_e2e.summary(table)

@@ -60,10 +60,11 @@ def resolve_layers(layers: str | Sequence[int] | None, n_layers: int) -> list[in
 class Recorder:
     """Collects tensors during the prompt pass; `trace()` assembles a `Trace`."""
 
-    def __init__(self, model, layers: list[int], outputs: bool, store_device):
+    def __init__(self, model, layers: list[int], outputs: bool, store_device, queries: bool = True):
         self.model = model
         self.layers = set(layers)
         self.outputs = outputs
+        self.queries = queries
         self.store_device = store_device
         self.tensors: dict[str, torch.Tensor] = {}
         self.rope_tables: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -110,6 +111,7 @@ class Recorder:
             "layer_info": {str(i): info[str(i)] for i in layers},
             "rope_of_layer": {str(i): self.rope_of_layer[str(i)] for i in layers},
             "with_outputs": self.outputs,
+            "with_queries": self.queries,
         }
         if self.input_ids is not None:
             ids = self.input_ids.flatten().tolist()
@@ -125,7 +127,8 @@ class Recorder:
     def on_attention(self, layer: int, query, key, value, out) -> None:
         """Keep what attention saw at a layer (first call per layer only)."""
         if layer in self.layers and layer not in self.done_layers:
-            self.keep(layer, "q", query)
+            if self.queries:
+                self.keep(layer, "q", query)
             self.keep(layer, "k_post", key)
             self.keep(layer, "v", value)
             if self.outputs:
@@ -208,14 +211,20 @@ def recording_hooks(model, rec: Recorder) -> Iterator[None]:
 
 @contextlib.contextmanager
 def capture(
-    model, layers: str | Sequence[int] | None = "all", outputs: bool = False, store_device: str | None = None
+    model,
+    layers: str | Sequence[int] | None = "all",
+    outputs: bool = False,
+    store_device: str | None = None,
+    queries: bool = True,
 ) -> Iterator[Recorder]:
     """Record q, k_pre, k_post, v (and attn_out with outputs=True) of `layers` during the next forward.
 
-    store_device: where captured tensors live (default: the model's device).
+    store_device: where captured tensors live (default: the model's device). queries=False keeps no
+    prompt queries (a third of the bytes at GQA 4; what the offload runtime's prefill needs for
+    methods that do not calibrate on them).
     """
     chosen = resolve_layers(layers, len(adapter.attention_modules(model)))
-    rec = Recorder(model, chosen, outputs, store_device or next(model.parameters()).device)
+    rec = Recorder(model, chosen, outputs, store_device or next(model.parameters()).device, queries)
 
     def record(original, module, query, key, value, attention_mask, **kwargs):
         out, weights = original(module, query, key, value, attention_mask, **kwargs)

@@ -90,6 +90,11 @@ class Trace:
     def n_tokens(self) -> int:
         return int(self.meta["n_tokens"])
 
+    @property
+    def has_queries(self) -> bool:
+        """False for a trace captured with queries=False (its `layer_kv` has q=None)."""
+        return bool(self.meta.get("with_queries", True))
+
     def get(self, layer: int, name: str) -> torch.Tensor:
         key = f"layers.{layer}.{name}"
         if key not in self.tensors:
@@ -134,7 +139,7 @@ class Trace:
             cos=cos.to(device=device, dtype=torch.float32),
             sin=sin.to(device=device, dtype=torch.float32),
             scaling=self.layer_meta(layer)["scaling"],
-            q=conv(self.q(layer)),
+            q=conv(self.q(layer)) if self.has_queries else None,
             layer_idx=layer,
         )
 
@@ -192,7 +197,7 @@ class Trace:
             raise KvdiagError(f"corrupt trace in {directory}: {err}") from err
         missing = [
             f"layers.{i}.{name}" for i in meta.get("layers", []) for name in ("q", "k_pre", "k_post", "v")
-            if f"layers.{i}.{name}" not in tensors
+            if f"layers.{i}.{name}" not in tensors and (name != "q" or meta.get("with_queries", True))
         ]  # fmt: skip
         if missing or "n_tokens" not in meta:
             raise KvdiagError(f"corrupt trace in {directory}: missing {', '.join(missing[:4]) or 'n_tokens'}")

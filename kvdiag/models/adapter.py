@@ -131,6 +131,15 @@ def with_cache(model, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
+def last_logits_only(model) -> dict:
+    """Forward kwargs that compute the logits of the last position only (`logits_to_keep=1`, where
+    this model's forward takes it): a 128K-token prefill otherwise materialises L × vocab logits
+    (33 GB in bf16 for Llama-3.1-8B's vocabulary)."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def cache_length(cache) -> int:
     """Tokens already in a cache (0 for None or an empty cache)."""
     return 0 if cache is None else int(cache.get_seq_length())
@@ -198,13 +207,15 @@ def attention_override(model, wrapper: Callable) -> Iterator[None]:
         ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
 
 
-def batched_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]]):
+def batched_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]], device=None):
     """A transformers cache holding several prompts left-padded to a common end.
 
     rows[b][layer] = (k, v) [H_kv, L_b, d]: row b's prompt keys/values of every layer (post-RoPE, as
     the model caches them). The cache is built through the cache classes' own `update` with the
     left-padded [B, H_kv, S0, d] tensors (S0 = max L_b), so sliding-window layers keep their own
     window as in a normal prefill. Pass the matching 2-D attention mask (0 on padding) to forward.
+    device: where the cache lives (default: where the rows are); rows elsewhere (host memory) are
+    copied in layer by layer, so the GPU never holds a second copy of a prompt's K/V.
     """
     from transformers import DynamicCache
 
@@ -217,8 +228,8 @@ def batched_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]]):
         k0, _ = rows[0][layer]
         h_kv, _, d = k0.shape
         s0 = max(kv[layer][0].shape[1] for kv in rows)
-        keys = k0.new_zeros(len(rows), h_kv, s0, d)
-        values = k0.new_zeros(len(rows), h_kv, s0, d)
+        keys = torch.zeros(len(rows), h_kv, s0, d, dtype=k0.dtype, device=device or k0.device)
+        values = torch.zeros_like(keys)
         for b, kv in enumerate(rows):
             k, v = kv[layer]
             keys[b, :, s0 - k.shape[1] :] = k
@@ -227,16 +238,23 @@ def batched_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]]):
     return cache
 
 
-def offload_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]], offloaded_layers: set[int]):
+def offload_cache(
+    model,
+    rows: list[list[tuple[torch.Tensor, torch.Tensor]]],
+    offloaded_layers: set[int],
+    prompt_lens: list[int] | None = None,
+    device=None,
+):
     """Like `batched_cache`, but the layers in `offloaded_layers` keep no prompt keys/values on the GPU:
     they store only the tokens that arrive after the prompt and report the prompt's length as cached,
     so that masks, positions and sequence lengths are what a full cache gives. Their attention call
-    then receives the tail only (the offload runtime supplies the prompt part)."""
+    then receives the tail only (the offload runtime supplies the prompt part). The rows of those
+    layers may already be empty ([H_kv, 0, d]) when `prompt_lens` gives the prompts' lengths."""
     from transformers.cache_utils import DynamicLayer
 
     cache = batched_cache(model, [[kv if i not in offloaded_layers else (kv[0][:, :0], kv[1][:, :0])
-                                   for i, kv in enumerate(row)] for row in rows])  # fmt: skip
-    s0 = max(row[0][0].shape[1] for row in rows)
+                                   for i, kv in enumerate(row)] for row in rows], device)  # fmt: skip
+    s0 = max(prompt_lens) if prompt_lens else max(row[0][0].shape[1] for row in rows)
 
     class PromptOffloadedLayer(DynamicLayer):
         """A full-attention layer whose prompt part lives elsewhere (host memory, a method's index)."""
@@ -259,7 +277,9 @@ def offload_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]], of
     for i in offloaded_layers:
         layer = PromptOffloadedLayer()
         k0, _ = rows[0][i]
-        empty = k0.new_zeros(len(rows), k0.shape[0], 0, k0.shape[2])
+        empty = torch.zeros(
+            len(rows), k0.shape[0], 0, k0.shape[2], dtype=k0.dtype, device=device or k0.device
+        )
         layer.lazy_initialization(empty, empty)
         cache.layers[i] = layer
     return cache

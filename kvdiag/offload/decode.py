@@ -40,13 +40,17 @@ class SharedPrefill:
         return self.trace.n_tokens
 
 
-def prefill_prompt(model, input_ids: torch.Tensor) -> SharedPrefill:
-    """Prefill input_ids[:, :-1] ([1, L], L ≥ 2) once, exactly, recording every layer."""
+def prefill_prompt(model, input_ids: torch.Tensor, queries: bool = True, store_device=None) -> SharedPrefill:
+    """Prefill input_ids[:, :-1] ([1, L], L ≥ 2) once, exactly, recording every layer.
+
+    queries=False keeps no prompt queries (LRQK and InfiniGen calibrate on them; the other methods
+    and exact decoding do not); store_device: where the recorded K/V live (default the model's
+    device; "cpu" keeps a long prompt's K/V off the GPU until a method builds from them)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
         raise KvdiagError(f"a shared prefill needs input_ids [1, L ≥ 2], got shape {tuple(input_ids.shape)}")
     device = next(model.parameters()).device
-    with torch.inference_mode(), capture(model, "all") as rec:
-        model(input_ids=input_ids[:, :-1].to(device), use_cache=False)
+    with torch.inference_mode(), capture(model, "all", store_device=store_device, queries=queries) as rec:
+        model(input_ids=input_ids[:, :-1].to(device), use_cache=False, **adapter.last_logits_only(model))
     return SharedPrefill(rec.trace(with_versions=False), int(input_ids[0, -1]))
 
 
@@ -60,6 +64,7 @@ class DecodeResult:
     stats: list[dict] = field(default_factory=list)
     steps: int = 0
     logits: torch.Tensor | None = None
+    engine_state: Any = None  # the simulator's or runtime's state (e.g. `RuntimeState.gpu_resident_bytes()`)
 
 
 def greedy_decode(
@@ -74,13 +79,17 @@ def greedy_decode(
     engine: str = "simulator",
     backend: str = "torch",
     kernels: bool | None = None,
+    step_seconds: list | None = None,
+    counting: bool = True,
 ) -> DecodeResult:
     """Greedy decoding of a batch of prefilled prompts (exact, or `method` at `budget`: a fraction of
     each row's indexed prompt, or tokens; a list gives each row its own).
 
     engine: "simulator" (`kvdiag.offload.simulate`, dense views, the reference) or "runtime"
     (`kvdiag.offload.runtime`: the payload in host memory, the method layers' prompt K/V not in the
-    GPU cache; backend / kernels as `offload`)."""
+    GPU cache; backend / kernels as `offload`). step_seconds: a list that receives each step's wall
+    time (the device synchronised at both ends; the first step includes the method's setup);
+    counting: as `offload` (the runtime's statistics; False leaves `stats` without decode counts)."""
     if engine not in ("simulator", "runtime"):
         raise KvdiagError(f"engine {engine!r} is unknown; use 'simulator' or 'runtime'")
     if not prefills:
@@ -96,13 +105,20 @@ def greedy_decode(
             raise KvdiagError(f"a prefill lacks layers {missing}: prefill with every layer captured")
     lens = [t.n_tokens for t in traces]
     s0, n_rows = max(lens), len(traces)
-    rows = [[(t.k_post(i).to(device), t.v(i).to(device)) for i in range(n_layers)] for t in traces]
     from kvdiag.offload.runtime import offload, offloaded_layers
 
-    if method is not None and engine == "runtime":
-        cache = adapter.offload_cache(model, rows, offloaded_layers(model, layers))
+    runtime = method is not None and engine == "runtime"
+    elsewhere = offloaded_layers(model, layers) if runtime else set()  # prompt K/V never copied to the GPU
+
+    def prompt_part(t: torch.Tensor, layer: int) -> torch.Tensor:
+        return t[:, :0] if layer in elsewhere else t
+
+    # wherever the traces live; the cache copies them to `device` layer by layer
+    rows = [[(prompt_part(t.k_post(i), i), prompt_part(t.v(i), i)) for i in range(n_layers)] for t in traces]
+    if runtime:
+        cache = adapter.offload_cache(model, rows, elsewhere, prompt_lens=lens, device=device)
     else:
-        cache = adapter.batched_cache(model, rows)
+        cache = adapter.batched_cache(model, rows, device=device)
     del rows
     mask = torch.zeros(n_rows, s0 + 1, dtype=torch.long, device=device)
     for b, n in enumerate(lens):
@@ -120,12 +136,19 @@ def greedy_decode(
     if method is None:
         context = contextlib.nullcontext()
     elif engine == "runtime":
-        context = offload(model, method, budget, traces, layers=layers, backend=backend, kernels=kernels)
+        context = offload(model, method, budget, traces, layers=layers, backend=backend, kernels=kernels,
+                          counting=counting)  # fmt: skip
     else:
         context = simulate(model, method, budget, layers=layers, prompt_traces=traces)
     steps, kept = 0, []
     with torch.inference_mode(), context as sim:
+        import time
+
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for _ in range(max_new_tokens):
+            if step_seconds is not None:
+                synchronize()
+                started = time.perf_counter()
             out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
                         **adapter.with_cache(model, cache))  # fmt: skip
             cache = adapter.model_forward_cache(out)
@@ -137,6 +160,9 @@ def greedy_decode(
             out_tokens = torch.cat([out_tokens, nxt[:, None]], dim=1)
             done |= torch.isin(nxt, eos_ids)
             steps += 1
+            if step_seconds is not None:
+                synchronize()
+                step_seconds.append(time.perf_counter() - started)
             if bool(done.all()):
                 break
             inputs, positions = nxt[:, None], positions + 1
@@ -148,4 +174,4 @@ def greedy_decode(
         tokens.append(row[: int(hits[0]) + 1] if len(hits) else row)
     stats = [sim.row_stats(b) for b in range(n_rows)] if method is not None else [{} for _ in range(n_rows)]
     logits = torch.stack(kept, dim=1) if keep_logits else None
-    return DecodeResult(tokens=tokens, stats=stats, steps=steps, logits=logits)
+    return DecodeResult(tokens=tokens, stats=stats, steps=steps, logits=logits, engine_state=sim)

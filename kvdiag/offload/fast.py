@@ -32,6 +32,17 @@ def _pinned(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory() if torch.cuda.is_available() and not t.is_pinned() else t
 
 
+def _host_rows(builts, rows_of) -> torch.Tensor:
+    """[B, ...] pinned host payload of a batch (`rows_of(built)` per row, padded to the longest).
+    Rows that all share one build (one prompt decoded in B rows, as `kvdiag bench` does) share one
+    host copy: a stride-0 view over the batch, which the gather kernel reads through its strides;
+    the GPU state stays one copy per row."""
+    if all(b is builts[0] for b in builts):
+        one = _pinned(rows_of(builts[0]))
+        return one[None].expand(len(builts), *one.shape)
+    return _pinned(stack_padded([rows_of(b) for b in builts]))
+
+
 class YAKVRuntimePath:
     """Kernel step of YAKV's runtime variant for a batch of prompts (see the module docstring)."""
 
@@ -51,8 +62,8 @@ class YAKVRuntimePath:
         self.k = torch.tensor([s.budget_tokens for s in states], dtype=torch.int32, device=device)
         self.k_max = max(1, int(self.k.max()))
         # host K/V: [B, H_kv, L_max, d] fp8, pinned (the stored rows of all heads, split per head)
-        self.k_host = _pinned(stack_padded([self._per_head(b.offloaded["k"].codes, b) for b in builts]))
-        self.v_host = _pinned(stack_padded([self._per_head(b.offloaded["v"].codes, b) for b in builts]))
+        self.k_host = _host_rows(builts, lambda b: self._per_head(b.offloaded["k"].codes, b))
+        self.v_host = _host_rows(builts, lambda b: self._per_head(b.offloaded["v"].codes, b))
         local = [torch.arange(b.info["n_scored"], b.n_tokens).expand(self.n_kv, -1) for b in builts]
         self.local_ids = stack_padded(local, value=-1).to(device=device, dtype=torch.int32)  # [B, H_kv, W]
 
@@ -121,7 +132,7 @@ class ShadowKVPath:
         self.sv = stack_padded([b.resident["sv"] for b in builts]).to(device)  # [B, H_kv, r, d]
         longest = max(builts, key=lambda b: b.n_tokens)
         self.cos, self.sin = (t.to(device=device, dtype=torch.float32).contiguous() for t in longest.rope)
-        self.v_host = _pinned(stack_padded([b.offloaded["v"].cpu() for b in builts]))  # [B, H_kv, L_max, d]
+        self.v_host = _host_rows(builts, lambda b: b.offloaded["v"].cpu())  # [B, H_kv, L_max, d]
 
     def select_ids(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen landmark slots [B, H_kv, K], their token ids [B, H_kv, K·chunk] int32)."""

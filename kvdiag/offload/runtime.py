@@ -104,6 +104,7 @@ class RuntimeState:
     kernels: bool | None = None
     per_layer: dict = field(default_factory=dict)
     counters: DecodeCounters = field(default_factory=DecodeCounters)
+    counting: bool = True  # count every step's selection (statistics); False: the kernel path only
     rows_read: int = 0  # host rows actually read by the PyTorch path (its own accounting)
     fast_steps: int = 0  # layer-steps served by the kernel path
 
@@ -119,10 +120,14 @@ class RuntimeState:
     def layer(self, layer: int, device) -> RuntimeLayer:
         if layer not in self.per_layer:
             method = self.method
+            by_trace: dict[int, Built] = {}  # rows decoding one prompt share its build
             builts = []
             for trace in self.traces:
-                built = method.build(trace.layer_kv(layer, device=device))
-                builts.append(offload_built(built, device))
+                if id(trace) not in by_trace:
+                    by_trace[id(trace)] = offload_built(
+                        method.build(trace.layer_kv(layer, device=device)), device
+                    )
+                builts.append(by_trace[id(trace)])
             states = [method.start(built, self.row_budget(b)) for b, built in enumerate(builts)]
             fast = None
             if self.kernels is not False:
@@ -185,8 +190,11 @@ def _runtime_attention(state: RuntimeState, module, query, tail_k, tail_v) -> to
     n_rows, h_q, t, _ = query.shape
     softcap = getattr(adapter.text_config(module.config), "attn_logit_softcapping", None)
     if rl.fast is not None and t == 1:
-        sel, out = rl.fast.step(query[:, :, 0], tail_k, tail_v, module.scaling, softcap)
-        _count(state, sel, t)
+        if state.counting:
+            sel, out = rl.fast.step(query[:, :, 0], tail_k, tail_v, module.scaling, softcap)
+            _count(state, sel, t)
+        else:
+            out = rl.fast.kernel_step(query[:, :, 0], tail_k, tail_v, module.scaling, softcap)[1]
         state.fast_steps += 1
         return out[:, None].to(query.dtype)  # [B, 1, H_q, d]
     q = query.float().transpose(1, 2)  # [B, T, H_q, d]
@@ -223,6 +231,7 @@ def offload(
     layers: str | Sequence[int] | None = "all",
     backend: str = "torch",
     kernels: bool | None = None,
+    counting: bool = True,
 ) -> Iterator[RuntimeState]:
     """Run `method` at `budget` (fraction or tokens; a list gives one per row) with its payload
     offloaded, for the prompts of `prompt_traces` (one prefill trace per batch row, every layer).
@@ -231,7 +240,8 @@ def offload(
     `kvdiag.offload.decode.greedy_decode(..., engine="runtime")` does it. backend: how selection
     scores ("torch", or "triton" for the kernels of `kvdiag.kernels`); kernels: the Triton fast path
     of `kvdiag.offload.fast` where it covers the method (decode steps of one token): None = on CUDA,
-    True = also on CPU under the Triton interpreter (tests), False = never.
+    True = also on CPU under the Triton interpreter (tests), False = never. counting=False skips the
+    per-step selection statistics where the kernel path serves a layer (`kvdiag bench` times it so).
     """
     if not isinstance(method, Method):
         raise KvdiagError(
@@ -243,7 +253,7 @@ def offload(
         raise KvdiagError("offload needs the prompts' prefill traces (one per batch row)")
     chosen = offloaded_layers(model, layers)
     state = RuntimeState(method=method, budget=budget, layers=chosen, traces=list(prompt_traces),
-                         backend=backend, kernels=kernels)  # fmt: skip
+                         backend=backend, kernels=kernels, counting=counting)  # fmt: skip
 
     def attend(original, module, query, key, value, attention_mask, **kwargs):
         if module.layer_idx not in chosen:
