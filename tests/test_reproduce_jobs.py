@@ -53,10 +53,24 @@ def test_a_reproduction_runs_as_several_short_jobs(tmp_path, monkeypatch):
     assert "[1/3] spectrum: done" in first.output and "[2/3] recall: not selected" in first.output
     assert "partial: recall, eval_needle left" in first.output
 
+    early = reproduce(*base, "--stages", "spectrum", "--partial-report")  # a report from what is done so far
+    assert early.exit_code == 0, early.output
+    assert "report: writing a partial report.md" in early.output
+    assert (
+        "Not finished: `recall` (no results), `eval_needle` (no results)" in (out / "report.md").read_text()
+    )
+    findings = json.loads((out / "findings.json").read_text())
+    assert findings["run"]["complete"] is False and findings["run"]["unfinished_stages"] == [
+        "recall",
+        "eval_needle",
+    ]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "partial"
+
     second = reproduce(*base, "--stages", "needle,recall", "--max-minutes", "60")
     assert "spectrum: already in" in second.output and "eval_needle: done" in second.output
     assert "report: writing report.md" in second.output and (out / "report.md").exists()
     findings = json.loads((out / "findings.json").read_text())
+    assert findings["run"]["complete"] is True and "Partial report" not in (out / "report.md").read_text()
     assert (
         findings["tasks"][0]["n"] == 1
         and findings["run"]["mode"] == f"configuration {tmp_path / 'small.yaml'}"

@@ -117,7 +117,13 @@ def main() -> None:
         level=os.environ.get("KVDIAG_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
     )
     _register()
-    app()
+    try:
+        app()
+    except SystemExit as done:  # typer ends every command so
+        from kvdiag.eval.distributed import exit_rank
+
+        exit_rank(done.code)  # under torchrun: no return (see its docstring)
+        raise
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ holding another kind of run is refused.
 
 Several short jobs: --max-minutes M starts no stage and no eval cell after M minutes (give the job M
 plus the longest cell of slack), --stages runs some stages now and the rest later; the call that
-finds every stage done writes the report.
+finds every stage done writes the report (--partial-report: also one that does not, marked partial,
+from what has finished).
 
 Several GPUs: `torchrun --nproc-per-node N --no-python -- kvdiag reproduce ...` shares each eval
 stage's samples among N ranks (cuda:LOCAL_RANK each with --device cuda); rank 0 runs spectrum,
@@ -79,6 +80,9 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(
             False, "--overwrite", help="replace the run in --out instead of resuming it"
         ),
+        partial_report: bool = typer.Option(
+            False, "--partial-report", help="write report.md from the finished stages when some are left"
+        ),
     ) -> None:
         """Reproduce arXiv 2604.08426 on one model and write DIR/report.md."""
         import matplotlib
@@ -96,7 +100,7 @@ def register(app: typer.Typer) -> None:
             figures_dir=figures_dir,
             stages=None if stages is None else [s for s in stages.split(",") if s.strip()],
             max_minutes=max_minutes, echo=lambda line: say(line, err=True), overwrite=overwrite,
-            progress=not quiet(),
+            progress=not quiet(), partial_report=partial_report,
         )  # fmt: skip
         print_outcome(result)
 
@@ -109,5 +113,7 @@ def print_outcome(result: dict) -> None:
         return
     if result["complete"]:
         say(f"{result['report']} ({result['seconds']:.0f} s)")
+    elif result.get("report"):
+        say(f"{result['report']} (partial: {', '.join(result['remaining'])} left; {result['seconds']:.0f} s)")
     else:
         say(f"partial: {', '.join(result['remaining'])} left ({result['seconds']:.0f} s); run again")

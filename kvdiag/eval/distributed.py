@@ -38,6 +38,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import sys
 from typing import Any
 
 from kvdiag.errors import KvdiagError
@@ -133,6 +134,26 @@ def _shutdown() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_rank(code: int | str | None) -> None:
+    """End a torchrun rank's process now with `code` (SystemExit's meaning), after destroying the
+    process group and flushing output; return at once outside torchrun. Why not a normal exit: gloo's
+    worker threads release the last collective's tensors a moment after it completes, and when that
+    moment falls inside the interpreter's finalisation the thread cannot take the GIL and the process
+    aborts ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291), making
+    torchrun report a finished run as failed. `kvdiag`'s CLI calls this last; every file was written
+    (atomically) before."""
+    if _current is None or not _current.distributed:
+        return
+    _shutdown()
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 def rank_device(device: str, r: Ranks) -> str:

@@ -132,6 +132,7 @@ def write_findings(out: str | Path, info: dict, found: list, tables: dict, summa
             "family": info.get("family"), "versions": info_versions, "git": git_hash(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "stages": {name: {k: r.get(k) for k in ("seconds", "git")} for name, r in info.get("stages", {}).items()},
+            "complete": not info.get("unfinished"), "unfinished_stages": list(info.get("unfinished") or []),
         },
         "statistics": {"rules": claims.RULES, "margin": claims.MARGIN, "confidence": paired.CONFIDENCE,
                        "n_resamples": paired.N_RESAMPLES, "seed": paired.SEED, "interval": "BCa (percentile fallback)"},

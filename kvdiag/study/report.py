@@ -141,6 +141,25 @@ def _calibration_lines(out: Path) -> list[str]:
     ]
 
 
+def _partial_note(out: Path, info: dict) -> list[str]:
+    """The warning at the top of a report written before every stage finished (`--partial-report`)."""
+    if not info.get("unfinished"):
+        return []
+    counts = []
+    for stage in info["unfinished"]:
+        path = out / stage / "results.parquet"
+        if path.exists():
+            table = pd.read_parquet(path)
+            counts.append(f"`{stage}` ({table.sample_id.nunique()} samples with results so far)")
+        else:
+            counts.append(f"`{stage}` (no results)")
+    return [
+        f"**Partial report**: written before every stage finished. Not finished: {', '.join(counts)}. "
+        "Verdicts use the samples finished so far; re-running the same command continues the run.",
+        "",
+    ]
+
+
 def write_report(out: str | Path, info: dict) -> Path:
     """Write out/report.md, out/findings.json and out/predictions/ from the sub-runs of a reproduce run;
     info: what `run_reproduce` passes (model, family, quick, mode, device, html2tsv_task, config, roles,
@@ -169,6 +188,7 @@ def write_report(out: str | Path, info: dict) -> Path:
     lines = [
         f"# kvdiag reproduce: arXiv 2604.08426 on `{info['model']}`",
         "",
+        *_partial_note(out, info),
         f"Mode: {mode}; device {info['device']}; LRQK family `{info['family']}`. Command: "
         f"`kvdiag reproduce --model {info['model']}{_config_option(config)} --out {out}`. "
         "Sub-runs: `spectrum/`, `recall/`, " + ", ".join(f"`eval_{t}/`" for t in info["tasks"]) + ".",

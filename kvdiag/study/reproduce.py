@@ -131,7 +131,7 @@ def _check_same_study(out: Path, old: dict, new: dict) -> None:
 def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cpu", data_dir=None,
                   n: int | None = None, config: ReproduceConfig | str | Path | None = None, figures_dir=None,
                   progress: bool = True, echo=print, stages=None, max_minutes: float | None = None,
-                  overwrite: bool = False) -> dict:  # fmt: skip
+                  overwrite: bool = False, partial_report: bool = False) -> dict:  # fmt: skip
     """Run the stages into `out` (skipping finished ones), then write out/report.md and findings.json.
 
     config: a `ReproduceConfig`, or a name ("quick", "gpu") or YAML file for `load_config`; None means
@@ -144,7 +144,9 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
     findings.json and predictions/ there (`kvdiag.study.report.export_report`). echo: where the
     per-stage progress lines go. overwrite: start afresh instead of resuming a reproduce run in `out`
     (or replace a run of another kind there); the new run is staged beside `out` and swapped in when
-    it has finished (not under torchrun).
+    it has finished (not under torchrun). partial_report: when stages are left, still write report.md
+    and findings.json from what has finished (marked partial at the top and in findings.json: eval
+    stages that stopped early count the samples they finished); the run stays resumable.
     Returns {"out", "report" (None until complete), "stages": {name: seconds or a word}, "seconds",
     "complete", "remaining"}.
     """
@@ -339,7 +341,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
         name for name in stage_names
         if records.get(name, {}).get("status") != "complete" or records[name].get("config") != wanted[name]
     ]  # fmt: skip
-    if remaining:
+    if remaining and not partial_report:
         seconds = round(time.perf_counter() - start, 1)
         save("partial", seconds_last_run=seconds)
         echo(f"partial: {len(remaining)} of {total} stages left ({', '.join(remaining)}); run the same command "
@@ -347,7 +349,7 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
         return {"out": out, "report": None, "stages": timings, "seconds": seconds, "complete": False,
                 "remaining": remaining}  # fmt: skip
 
-    echo("report: writing report.md and findings.json ...")
+    echo(f"report: writing {'a partial ' if remaining else ''}report.md and findings.json ...")
     mode = {"quick": "quick (CPU-sized)", "gpu": "gpu (one H200)", "custom": "custom configuration"}.get(
         config.name, f"configuration {config.name}"
     )
@@ -356,17 +358,17 @@ def run_reproduce(model: str, out, quick: bool = False, device: str | None = "cp
             "plans": [dataclasses.asdict(p) for p in plans],
             "recall_roles": roles_of(study_methods(family, config.analysis_tokens if config.scale_outliers else None)),
             "outlier_chunks": {p.task: study_methods(family, p.target_tokens if config.scale_outliers else None)[0]
-                               .method.outlier_chunks for p in plans}}  # fmt: skip
+                               .method.outlier_chunks for p in plans}, "unfinished": remaining}  # fmt: skip
     report = write_report(out, info) if me.main else None
     report = from_main(me, report, "after the report (rank 0 writes it)")
     seconds = round(time.perf_counter() - start, 1)
-    save("complete", seconds_last_run=seconds)
-    echo(f"report: {report}")
+    save("partial" if remaining else "complete", seconds_last_run=seconds)
+    echo(f"report: {report}" + (f" (partial: {', '.join(remaining)} not finished)" if remaining else ""))
     if figures_dir is not None and me.main:
         exported = export_report(out, figures_dir)
         echo(f"exported report, findings and {len(exported) - 1} more files to {figures_dir}")
-    return {"out": out, "report": report, "stages": timings, "seconds": seconds, "complete": True,
-            "remaining": []}  # fmt: skip
+    return {"out": out, "report": report, "stages": timings, "seconds": seconds, "complete": not remaining,
+            "remaining": remaining}  # fmt: skip
 
 
 def _silent(line: str) -> None:
