@@ -57,8 +57,13 @@ def random_model(smoke: bool, device: str):
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     dtype = torch.float32 if smoke else torch.bfloat16
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16 directly: 16 GB, never an fp32 copy of 32 GB
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     model.kvdiag_name = "random Llama-3.1-8B config" if not smoke else "random tiny Llama"
     return model
 
