@@ -116,3 +116,22 @@ def test_bench_smoke_end_to_end_writes_its_rows_and_figure(tmp_path):
     assert [p.name for p in plot_bench_run(out)] == ["e2e_decode.png", "e2e_decode.pdf"]
     with pytest.raises(KvdiagError, match="nothing to run"):
         run_bench(tmp_path / "none", smoke=True, step=False, e2e=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_e2e_on_a_gpu_runs_the_compiled_kernels_and_finds_the_largest_batch():
+    """The end-to-end decode on CUDA (tiny model, compiled kernels): every engine decodes, the methods
+    through the kernel path, peak memory above the weights, the batch search capped where all fits."""
+    from kvdiag.bench.decode_e2e import run_e2e
+
+    table = pd.DataFrame(run_e2e([1024], [1, 3], smoke=True, steps=4, max_batch_cap=4, progress=False))
+    e2e = table[table.kind == "e2e"]
+    assert len(e2e) == 6 and (e2e.tokens_per_s > 0).all() and (e2e.peak_gpu_GB >= e2e.weights_GB).all()
+    assert (e2e[e2e.engine != "full"].kernel_layer_steps > 0).all()
+    largest = table[table.kind == "e2e_max_batch"]
+    assert (
+        sorted(largest.engine) == ["full", "shadowkv", "yakv"]
+        and (largest.B == 4).all()
+        and largest.capped.all()
+    )
