@@ -286,3 +286,36 @@ def test_the_merge_orders_new_cells_skips_known_ones_and_survives_a_crash(tmp_pa
     rank_file(tmp_path, 1).write_text(lines([row("b"), row("d")]))
     assert merge_rank_files(tmp_path, order) == 1
     assert [r["sample_id"] for r in read_predictions(tmp_path)] == ["a", "b", "c", "x", "d"]
+
+
+@pytest.mark.parametrize("code,expected", [(None, 0), (0, 0), (3, 3), ("bad value", 1)])
+def test_a_torchrun_rank_ends_through_os_exit_with_the_commands_exit_code(
+    monkeypatch, capsys, code, expected
+):
+    """Under torchrun the CLI ends each rank with os._exit (gloo threads must not outlive the
+    interpreter's finalisation), keeping typer's exit code; a plain process exits normally."""
+    import kvdiag.cli
+    import kvdiag.eval.distributed as distributed
+
+    ended = []
+
+    class Ended(Exception):
+        pass
+
+    def fake_exit(status):
+        ended.append(status)
+        raise Ended
+
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    monkeypatch.setattr(distributed, "_shutdown", lambda: ended.append("destroyed"))
+    monkeypatch.setattr(kvdiag.cli, "_register", lambda: None)
+    monkeypatch.setattr(kvdiag.cli, "app", lambda: (_ for _ in ()).throw(SystemExit(code)))
+    monkeypatch.setattr(distributed, "_current", Ranks())  # a single process: SystemExit as usual
+    with pytest.raises(SystemExit):
+        kvdiag.cli.main()
+    assert ended == []
+    monkeypatch.setattr(distributed, "_current", Ranks(rank=1, world=2))
+    with pytest.raises(Ended):
+        kvdiag.cli.main()
+    assert ended == ["destroyed", expected]
+    assert ("bad value" in capsys.readouterr().err) == isinstance(code, str)
