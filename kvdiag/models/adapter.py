@@ -140,6 +140,30 @@ def last_logits_only(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+CUDNN_ENV = "KVDIAG_SDPA_CUDNN"
+
+
+@contextlib.contextmanager
+def decode_attention_backends(device) -> Iterator[None]:
+    """Token-by-token decoding on CUDA with SDPA's flash / memory-efficient / math kernels, not cuDNN.
+
+    cuDNN's attention builds an execution graph per input shape, and a decode step's key length
+    grows by one every step, so each step of each layer can pay a new graph build (reported at
+    hundreds of ms per build, e.g. sgl-project/sglang#4650, ml-explore/mlx#2743). Exact decoding of a
+    padded batch of 25 × 8K prompts measured 230 ms per step on the H200 against ~80 ms for the
+    simulated methods; that this is the cause is a hypothesis not yet measured: set
+    KVDIAG_SDPA_CUDNN=1 to keep torch's default order and compare. No effect on CPU."""
+    import os
+
+    if torch.device(device).type != "cuda" or os.environ.get(CUDNN_ENV, "") not in ("", "0"):
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
 def cache_length(cache) -> int:
     """Tokens already in a cache (0 for None or an empty cache)."""
     return 0 if cache is None else int(cache.get_seq_length())

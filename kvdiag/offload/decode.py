@@ -141,7 +141,7 @@ def greedy_decode(
     else:
         context = simulate(model, method, budget, layers=layers, prompt_traces=traces)
     steps, kept = 0, []
-    with torch.inference_mode(), context as sim:
+    with torch.inference_mode(), adapter.decode_attention_backends(device), context as sim:
         import time
 
         synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
