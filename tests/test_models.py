@@ -172,3 +172,19 @@ def test_byte_tokenizer_ids_are_the_same_in_another_process(tiny):
     code = f"from kvdiag.models.tiny import _byte_tokenizer; print(_byte_tokenizer()({text!r}).input_ids)"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert other.stdout.strip() == str(tokenizer(text).input_ids)
+
+
+def test_decoding_on_cuda_keeps_sdpa_off_cudnn_unless_asked(monkeypatch):
+    from kvdiag.models.adapter import CUDNN_ENV, decode_attention_backends
+
+    monkeypatch.delenv(CUDNN_ENV, raising=False)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with decode_attention_backends("cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with decode_attention_backends("cuda:0"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    monkeypatch.setenv(CUDNN_ENV, "1")
+    with decode_attention_backends("cuda"):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
