@@ -288,12 +288,11 @@ def test_the_merge_orders_new_cells_skips_known_ones_and_survives_a_crash(tmp_pa
     assert [r["sample_id"] for r in read_predictions(tmp_path)] == ["a", "b", "c", "x", "d"]
 
 
-@pytest.mark.parametrize("code,expected", [(None, 0), (0, 0), (3, 3), ("bad value", 1)])
-def test_a_torchrun_rank_ends_through_os_exit_with_the_commands_exit_code(
-    monkeypatch, capsys, code, expected
-):
-    """Under torchrun the CLI ends each rank with os._exit (gloo threads must not outlive the
-    interpreter's finalisation), keeping typer's exit code; a plain process exits normally."""
+@pytest.mark.parametrize("code,expected", [(None, 0), (0, 0), (3, None), ("bad value", None)])
+def test_a_torchrun_rank_that_succeeded_ends_through_os_exit(monkeypatch, code, expected):
+    """Under torchrun the CLI ends a rank that succeeded with os._exit(0) (gloo threads must not
+    outlive the interpreter's finalisation); a rank that failed, and a plain process, exit normally
+    (a failed rank leaving at once would cut off the other ranks' error lines)."""
     import kvdiag.cli
     import kvdiag.eval.distributed as distributed
 
@@ -315,7 +314,6 @@ def test_a_torchrun_rank_ends_through_os_exit_with_the_commands_exit_code(
         kvdiag.cli.main()
     assert ended == []
     monkeypatch.setattr(distributed, "_current", Ranks(rank=1, world=2))
-    with pytest.raises(Ended):
+    with pytest.raises(SystemExit if expected is None else Ended):
         kvdiag.cli.main()
-    assert ended == ["destroyed", expected]
-    assert ("bad value" in capsys.readouterr().err) == isinstance(code, str)
+    assert ended == ([] if expected is None else ["destroyed", expected])

@@ -137,23 +137,22 @@ def _shutdown() -> None:
 
 
 def exit_rank(code: int | str | None) -> None:
-    """End a torchrun rank's process now with `code` (SystemExit's meaning), after destroying the
-    process group and flushing output; return at once outside torchrun. Why not a normal exit: gloo's
-    worker threads release the last collective's tensors a moment after it completes, and when that
-    moment falls inside the interpreter's finalisation the thread cannot take the GIL and the process
-    aborts ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291), making
-    torchrun report a finished run as failed. `kvdiag`'s CLI calls this last; every file was written
-    (atomically) before."""
-    if _current is None or not _current.distributed:
+    """End a torchrun rank that succeeded (`code` None or 0) now, after destroying the process group
+    and flushing output; return at once outside torchrun or on an error code (that rank then exits
+    normally). Why not a normal exit: gloo's worker threads release the last collective's tensors a
+    moment after it completes, and when that moment falls inside the interpreter's finalisation the
+    thread cannot take the GIL and the process aborts ("terminate called without an active
+    exception", SIGABRT; pytorch/pytorch#179291), making torchrun report a finished run as failed.
+    Why not on errors: torchrun stops the other ranks as soon as one fails, and a failing rank that
+    left at once would cut off the others' own error lines. `kvdiag`'s CLI calls this last; every file
+    was written (atomically) before."""
+    if _current is None or not _current.distributed or code not in (None, 0):
         return
     _shutdown()
-    if code is not None and not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code or 0)
+    os._exit(0)
 
 
 def rank_device(device: str, r: Ranks) -> str:
