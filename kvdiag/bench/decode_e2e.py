@@ -74,13 +74,9 @@ def weights_bytes(model) -> int:
 
 def method_for(engine: str, length: int):
     """(Method, budget) of an offloaded engine: the step bench's configurations."""
-    from kvdiag.bench.offload_step import BUDGETS, SPECS
-    from kvdiag.methods import parse_method_spec
+    from kvdiag.bench.offload_step import BUDGETS, bench_method
 
-    spec = SPECS[engine]
-    if engine == "shadowkv" and length < 131072:  # the study's share of the prompt: 48 chunks of 128K
-        spec = f"shadowkv:outlier_chunks={max(1, round(48 * length / 131072))}"
-    return parse_method_spec(spec), BUDGETS[engine]
+    return bench_method(engine, length), BUDGETS[engine]
 
 
 def decode_case(model, prefill, engine: str, batch: int, steps: int, device: str) -> dict:
@@ -121,12 +117,10 @@ def decode_case(model, prefill, engine: str, batch: int, steps: int, device: str
 
 
 def kv_bytes(model, tokens: int) -> int:
-    """Bytes of one prompt's K/V in the model's cache (every layer, bf16 or the model's dtype)."""
-    from kvdiag.models import adapter
+    """Bytes of one prompt's K/V in the model's cache (every layer, at the model's dtype)."""
+    from kvdiag.eval.generation import exact_bytes_per_token
 
-    shapes = adapter.config_shapes(model.config)
-    element = next(model.parameters()).element_size()
-    return 2 * tokens * shapes["layers"] * shapes["kv_heads"] * shapes["head_dim"] * element
+    return int(exact_bytes_per_token(model) * tokens * model.config.num_hidden_layers)
 
 
 def full_floor(model, length: int, batch: int, hbm_GBps: float) -> float:
@@ -222,8 +216,8 @@ def summary(table) -> list[str]:
     import pandas as pd
 
     lines = []
-    e2e = table[table.kind == "e2e"] if "kind" in table else table.iloc[:0]
-    floors = table[table.kind == "e2e_floor"] if "kind" in table else table.iloc[:0]
+    e2e = table[table.kind == "e2e"]
+    floors = table[table.kind == "e2e_floor"]
     for row in e2e.itertuples():
         if "oom" in e2e and row.oom is True:
             lines.append(f"e2e {row.engine:9s} L={int(row.L):>7d} B={int(row.B):<3d} out of GPU memory")
@@ -234,7 +228,7 @@ def summary(table) -> list[str]:
             f"e2e {row.engine:9s} L={int(row.L):>7d} B={int(row.B):<3d} {row.step_ms:8.1f} ms/step "
             f"{row.tokens_per_s:8.1f} tok/s, peak GPU {row.peak_gpu_GB:6.1f} GB{floor_text}"
         )
-    for row in table[table.kind == "e2e_max_batch"].itertuples() if "kind" in table else []:
+    for row in table[table.kind == "e2e_max_batch"].itertuples():
         speed = "" if pd.isna(row.tokens_per_s) else f" at {row.tokens_per_s:.1f} tok/s"
         lines.append(
             f"largest batch {row.engine:9s} L={int(row.L):>7d}: {int(row.B)}{' (cap)' if row.capped else ''}{speed}"

@@ -85,20 +85,27 @@ def random_layer(length: int, shape: Shape, device: str, seed: int = 0):
     return LayerKV(k_pre.to(bf16), k_post.to(bf16), v.to(bf16), cos, sin, d**-0.5, layer_idx=5)
 
 
+def bench_method(name: str, length: int):
+    """The Method a bench case runs at prompt length `length` (ShadowKV's outlier chunks scaled to
+    the study's share of the prompt: 48 chunks of 128K)."""
+    from kvdiag.methods import parse_method_spec
+
+    if name == "shadowkv" and length < 131072:
+        return parse_method_spec(f"shadowkv:outlier_chunks={max(1, round(48 * length / 131072))}")
+    return parse_method_spec(SPECS[name])
+
+
 def step_case(
     name: str, length: int, batch: int, shape: Shape, device: str, ceilings: dict, timer
 ) -> list[dict]:
     """Rows of one method × L × B case."""
     import torch
 
-    from kvdiag.methods import parse_method_spec
     from kvdiag.methods.base import fetch_rows
     from kvdiag.offload.fast import fast_path_for
     from kvdiag.offload.runtime import offload_built
 
-    method = parse_method_spec(SPECS[name])
-    if name == "shadowkv" and length < 131072:  # the study's share of the prompt: 48 chunks of 128K
-        method = parse_method_spec(f"shadowkv:outlier_chunks={max(1, round(48 * length / 131072))}")
+    method = bench_method(name, length)
     built = offload_built(method.build(random_layer(length, shape, device)), device)
     builts = [built] * batch
     states = [method.start(built, BUDGETS[name]) for _ in builts]
